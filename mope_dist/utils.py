@@ -69,7 +69,9 @@ def get_logger(name: str = "mope_dist") -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         rank = os.environ.get("RANK")
         tag = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {tag}%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         root.addHandler(handler)
         root.setLevel(os.environ.get("MOPE_LOG_LEVEL", "INFO"))
         root.propagate = False
