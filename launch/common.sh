@@ -1,0 +1,40 @@
+# Shared by the launchers: builds the `deepspeed` launcher arguments from the environment.
+#   NPROC_PER_NODE  processes per node (default: number of GPUs, else 1)
+#   HOSTFILE        MPI-style hostfile for multi-node runs (launched over pdsh/ssh by default)
+#   NUM_NODES       use the first N hosts of HOSTFILE
+#   NODE_RANK       set on every node to start each node's launcher yourself (SLURM, k8s): --no_ssh mode
+#   MASTER_ADDR     address of node 0 (multi-node), MASTER_PORT (default 29500)
+#   DS_ACCELERATOR  cpu forces CPU + gloo; default: cuda + nccl when a GPU is visible
+#   PYTHON          interpreter to run the module with (default: the one on PATH)
+set -euo pipefail
+
+if [ $# -lt 1 ] || [ ! -f "$1" ]; then
+  echo "usage: $(basename "$0") CONFIG.yaml [section.key=value ...] (config file '${1:-}' not found)" >&2
+  exit 2
+fi
+
+if [ -z "${DS_ACCELERATOR:-}" ] && ! command -v nvidia-smi >/dev/null 2>&1; then
+  export DS_ACCELERATOR=cpu
+fi
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  if [ "${DS_ACCELERATOR:-}" != "cpu" ] && command -v nvidia-smi >/dev/null 2>&1; then
+    NPROC_PER_NODE=$(nvidia-smi -L | wc -l)
+  else
+    NPROC_PER_NODE=1
+  fi
+fi
+
+launcher_args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank)
+if [ -n "${HOSTFILE:-}" ]; then
+  launcher_args+=(--hostfile "$HOSTFILE" --num_gpus "$NPROC_PER_NODE")
+  [ -n "${NUM_NODES:-}" ] && launcher_args+=(--num_nodes "$NUM_NODES")
+  [ -n "${MASTER_ADDR:-}" ] && launcher_args+=(--master_addr "$MASTER_ADDR")
+  [ -n "${NODE_RANK:-}" ] && launcher_args+=(--no_ssh --node_rank "$NODE_RANK")
+else
+  launcher_args+=(--num_gpus "$NPROC_PER_NODE")
+fi
+if [ -n "${PYTHON:-}" ]; then
+  deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
+else
+  deepspeed_cmd=(deepspeed)
+fi

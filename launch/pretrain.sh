@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Pre-training-stage compression in one job: MoPE scores -> one-shot width+depth pruning -> distillation.
+#   bash launch/pretrain.sh CONFIG.yaml [section.key=value ...]
+# Launcher settings come from the environment; see launch/common.sh.
+source "$(dirname "$0")/common.sh"
+exec "${deepspeed_cmd[@]}" "${launcher_args[@]}" --module mope_dist.pretrain "$@"
