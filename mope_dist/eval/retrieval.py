@@ -1,0 +1,88 @@
+"""Image-text retrieval recall (R@1/5/10 both ways) with several captions per image.
+
+The set is small enough to hold whole on every rank (Flickr30k/COCO test: 1k-5k images, 5 captions
+each). Under a process group each rank encodes one contiguous slice and the embeddings are assembled
+with a sum all-reduce, so the ranks share the encoding work and all get the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mope_dist import dist
+from mope_dist.eval.zeroshot import autocast_context, eval_mode, model_dtype
+
+
+def _encode_all(
+    encode, inputs: torch.Tensor, batch_size: int, device: torch.device, dtype, autocast
+) -> torch.Tensor:
+    """Encode `inputs` split across ranks; returns the normalized fp32 embeddings of all rows on every rank."""
+    n = inputs.shape[0]
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    # A rank with an empty slice (n < world) still encodes one row: it needs the width to join the reduce.
+    starts = range(lo, hi, batch_size) if hi > lo else [0]
+    out = None
+    for i in starts:
+        batch = inputs[i : max(min(i + batch_size, hi), i + 1)].to(device=device, non_blocking=True)
+        if batch.is_floating_point():
+            batch = batch.to(dtype)
+        with autocast_context(device, autocast):
+            feats = encode(batch, normalize=True).float()
+        if out is None:
+            out = torch.zeros(n, feats.shape[-1], dtype=torch.float32, device=device)
+        if hi > lo:
+            out[i : i + feats.shape[0]] = feats
+    return F.normalize(dist.all_reduce_sum(out), dim=-1)
+
+
+def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
+    """Fraction of query rows with at least one positive among their top-k columns, for each k."""
+    kmax = min(max(ks), similarity.shape[1])
+    top = similarity.topk(kmax, dim=1).indices
+    hit = positives.gather(1, top)
+    return {k: hit[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in ks}
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    text_to_image: torch.Tensor,
+    device: torch.device | str,
+    batch_size: int = 256,
+    autocast: bool | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict:
+    """Recall of image->text and text->image retrieval.
+
+    images [N_img, 3, H, W], texts [N_txt, ctx] token ids, text_to_image [N_txt] index of each caption's
+    image. An image query hits if any of its captions is in the top k. Every rank must call this with
+    the same tensors. Returns {"i2t_R@1": ..., "t2i_R@1": ..., "mean_recall", n_images, n_texts,
+    seconds}; recalls are fractions.
+    """
+    device = torch.device(device)
+    text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
+    if texts.shape[0] != text_to_image.shape[0]:
+        raise ValueError(f"{texts.shape[0]} texts but {text_to_image.shape[0]} text_to_image entries")
+    if images.shape[0] == 0 or texts.shape[0] == 0:
+        raise ValueError("retrieval evaluation needs at least one image and one text")
+    if text_to_image.min() < 0 or text_to_image.max() >= images.shape[0]:
+        raise ValueError(f"text_to_image indices must lie in [0, {images.shape[0]})")
+    start = time.perf_counter()
+    with eval_mode(model), torch.inference_mode():
+        img = _encode_all(model.encode_image, images, batch_size, device, model_dtype(model), autocast)
+        txt = _encode_all(model.encode_text, texts, batch_size, device, None, autocast)
+    sim = img @ txt.T  # [N_img, N_txt]
+    positives = torch.zeros_like(sim, dtype=torch.bool)
+    positives[text_to_image.to(device), torch.arange(texts.shape[0], device=device)] = True
+    i2t = recall_at_k(sim, positives, ks)
+    t2i = recall_at_k(sim.T, positives.T, ks)
+    out = {f"i2t_R@{k}": v for k, v in i2t.items()} | {f"t2i_R@{k}": v for k, v in t2i.items()}
+    out["mean_recall"] = sum(out.values()) / len(out)
+    out |= {"n_images": images.shape[0], "n_texts": texts.shape[0], "seconds": time.perf_counter() - start}
+    return out

@@ -1,0 +1,131 @@
+"""Zero-shot classification: class embeddings from prompts, then top-k accuracy over a labelled loader.
+
+Works on any model with open_clip's `encode_image` / `encode_text(normalize=...)` (an open_clip CLIP, a
+PrunableCLIP, a DeepSpeed engine wrapping one). Called alone by tools/eval_zeroshot.py and periodically
+inside training, so these are plain functions that restore the model's train/eval mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import open_clip
+import torch
+from tqdm import tqdm
+
+from mope_dist import dist
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """Dtype inputs must be cast to (a model exported with --dtype bf16 takes bf16 images)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def autocast_context(device: torch.device, enabled: bool | None = None):
+    """bf16 autocast on GPU (the usual eval precision); exact fp32 on CPU unless asked otherwise."""
+    device = torch.device(device)
+    if enabled is None:
+        enabled = device.type == "cuda"
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Switch to eval for the duration, then restore the previous mode (eval runs inside training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def build_classifier(
+    model: torch.nn.Module,
+    classnames: Sequence[str],
+    templates: Sequence[str | Callable[[str], str]],
+    tokenizer: Callable,
+    device: torch.device | str,
+    autocast: bool | None = None,
+    num_classes_per_batch: int = 10,
+) -> torch.Tensor:
+    """Class weights [embed_dim, num_classes] in fp32: mean of normalized prompt embeddings, renormalized.
+
+    Thin wrapper over open_clip.build_zero_shot_classifier so numbers match open_clip's own eval.
+    """
+    if len(classnames) == 0:
+        raise ValueError("no class names given")
+    if len(templates) == 0:
+        raise ValueError("no templates given")
+    device = torch.device(device)
+    with eval_mode(model), torch.inference_mode(), autocast_context(device, autocast):
+        weights = open_clip.build_zero_shot_classifier(
+            model,
+            tokenizer=tokenizer,
+            classnames=list(classnames),
+            templates=list(templates),
+            num_classes_per_batch=num_classes_per_batch,
+            device=device,
+        )
+    return weights.float()
+
+
+def topk_correct(
+    logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)
+) -> list[torch.Tensor]:
+    """Number of rows whose label is among the top-k logits, for each k (k capped at the class count)."""
+    kmax = min(max(ks), logits.shape[-1])
+    pred = logits.topk(kmax, dim=-1).indices
+    hit = pred.eq(labels.view(-1, 1))
+    return [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
+
+
+def evaluate_zeroshot(
+    model: torch.nn.Module,
+    loader: Iterable,
+    classifier: torch.Tensor,
+    device: torch.device | str,
+    autocast: bool | None = None,
+    progress: bool = True,
+    desc: str = "zero-shot",
+) -> dict:
+    """Top-1/top-5 accuracy of `classifier` on (images, labels) batches from `loader`.
+
+    Under a process group each rank passes its own disjoint part of the set; the correct counts are
+    summed over ranks, so every sample counts once whatever the set size. Every rank must call this
+    (it ends in a collective) and every rank gets the same result. Returns
+    {top1, top5, n, seconds, images_per_s} (accuracies as fractions; with <= 5 classes top5 is 1.0).
+    """
+    device = torch.device(device)
+    dtype = model_dtype(model)
+    weights = classifier.to(device=device, dtype=torch.float32)
+    counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, n
+    total = len(loader) if hasattr(loader, "__len__") else None
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not (progress and dist.is_main()), leave=False)
+    start = time.perf_counter()
+    with eval_mode(model), torch.inference_mode():
+        for images, labels in loader:
+            images = images.to(device=device, dtype=dtype, non_blocking=True)
+            labels = labels.to(device=device, non_blocking=True)
+            with autocast_context(device, autocast):
+                features = model.encode_image(images, normalize=True)
+            logits = features.float() @ weights
+            top1, top5 = topk_correct(logits, labels, (1, 5))
+            counts += torch.stack([top1, top5, torch.tensor(labels.numel(), device=device)]).to(counts.dtype)
+            bar.update(1)
+            if bar.n % 10 == 0:
+                bar.set_postfix(img_s=f"{counts[2].item() / (time.perf_counter() - start):.0f}")
+    bar.close()
+    dist.all_reduce_sum(counts)
+    seconds = time.perf_counter() - start  # measured after the collective: the slowest rank's time
+    top1, top5, n = (float(c) for c in counts.tolist())
+    if n == 0:
+        raise ValueError("zero-shot evaluation saw no samples")
+    return {"top1": top1 / n, "top5": top5 / n, "n": int(n), "seconds": seconds, "images_per_s": n / seconds}
