@@ -111,6 +111,19 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
+class _EndAwareTarInfo(tarfile.TarInfo):
+    """Notes on the TarFile when the end-of-archive block was read: tarfile silently treats a missing,
+    partial or garbled final header as the end, which would hide a truncated shard."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar.clean_end = True
+            raise
+
+
 class ShardError(Exception):
     """A shard could not be read: `reason` is 'unreadable_shard' or 'truncated_shard'."""
 
@@ -131,7 +144,10 @@ def iter_shard_samples(url: str, retries: int = 3, retry_delay: float = 1.0) -> 
         current: dict | None = None
         started = False
         try:
-            with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            with (
+                open_shard(url) as stream,
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo) as tar,
+            ):
                 for member in tar:
                     started = True
                     if not member.isfile():
@@ -147,6 +163,8 @@ def iter_shard_samples(url: str, retries: int = 3, retry_delay: float = 1.0) -> 
                     if current is None:
                         current = {"__key__": key, "__url__": url}
                     current[ext] = data
+                if not getattr(tar, "clean_end", False):
+                    raise tarfile.ReadError("archive ends without its end-of-archive block")
             if current is not None:
                 yield current
             return
