@@ -65,55 +65,54 @@ def plan_tower(
     keep_heads: dict[int, list[int]] = {}
     if target.heads is not None:
         head_units = [u for u in _require(by_kind["head"], tower, "head") if u["layer"] in layers]
-        budget = {l: resolve_count(target.heads, heads[l], f"prune.{tower}.heads") for l in layers}
+        budget = {i: resolve_count(target.heads, heads[i], f"prune.{tower}.heads") for i in layers}
         chosen = _allocate(head_units, budget, allocation, size=lambda u: 1)
-        keep_heads = {l: sorted(u["index"] for u in chosen[l]) for l in layers if budget[l] < heads[l]}
+        keep_heads = {i: sorted(u["index"] for u in chosen[i]) for i in layers if budget[i] < heads[i]}
 
     keep_mlp: dict[int, list[int]] = {}
     if target.mlp is not None:
         group_units = [u for u in _require(by_kind["neurons"], tower, "neurons") if u["layer"] in layers]
-        budget = {l: resolve_count(target.mlp, mlp_dims[l], f"prune.{tower}.mlp") for l in layers}
+        budget = {i: resolve_count(target.mlp, mlp_dims[i], f"prune.{tower}.mlp") for i in layers}
         chosen = _allocate(group_units, budget, allocation, size=lambda u: len(u["neurons"]))
-        for l in layers:
-            if budget[l] >= mlp_dims[l]:
+        for i in layers:
+            if budget[i] >= mlp_dims[i]:
                 continue
             # Whole groups in rank order; the last group is cut to fit (its neurons are stored in
             # importance order by the scorer), so the width is exactly the target.
-            neurons = [n for u in chosen[l] for n in u["neurons"]]
-            keep_mlp[l] = sorted(neurons[: budget[l]] if allocation == "uniform" else neurons)
+            neurons = [n for u in chosen[i] for n in u["neurons"]]
+            keep_mlp[i] = sorted(neurons[: budget[i]] if allocation == "uniform" else neurons)
     return TowerKeep(layers=layers, heads=keep_heads, mlp=keep_mlp)
 
 
 def _allocate(units: list[dict], budget: dict[int, int], allocation: str, size) -> dict[int, list[dict]]:
     """Pick units per layer, best first: per-layer budgets (uniform) or one pooled budget (global)."""
-    chosen: dict[int, list[dict]] = {l: [] for l in budget}
-    filled = dict.fromkeys(budget, 0)
+    chosen: dict[int, list[dict]] = {layer: [] for layer in budget}
     ranked = _ranked(units)
     if allocation == "uniform":
+        filled = dict.fromkeys(budget, 0)
         for unit in ranked:
-            l = unit["layer"]
-            if filled[l] < budget[l]:
-                chosen[l].append(unit)
-                filled[l] += size(unit)
+            layer = unit["layer"]
+            if filled[layer] < budget[layer]:
+                chosen[layer].append(unit)
+                filled[layer] += size(unit)
         return chosen
     remaining = sum(budget.values())
     for unit in ranked:  # the best unit of every layer first: no layer is emptied
-        l = unit["layer"]
-        if not chosen[l]:
-            chosen[l].append(unit)
-            filled[l] += size(unit)
+        if not chosen[unit["layer"]]:
+            chosen[unit["layer"]].append(unit)
             remaining -= size(unit)
     for unit in ranked:
         if remaining <= 0:
             break
-        l = unit["layer"]
-        if unit not in chosen[l]:
-            chosen[l].append(unit)
+        if unit not in chosen[unit["layer"]]:
+            chosen[unit["layer"]].append(unit)
             remaining -= size(unit)
     return chosen
 
 
-def make_plan(spec, scores: list[dict], targets: dict[str, TowerTarget], allocation: str = "uniform") -> KeepSpec:
+def make_plan(
+    spec, scores: list[dict], targets: dict[str, TowerTarget], allocation: str = "uniform"
+) -> KeepSpec:
     """Plan both towers of a model with spec `spec` (a CLIPSpec) from scores.json unit records."""
     towers = {}
     for tower in TOWERS:
