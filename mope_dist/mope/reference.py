@@ -1,0 +1,73 @@
+"""The obviously-correct MoPE reference the engine is tested and benchmarked against.
+
+For every unit: physically slice it out (mope_dist.model.slice_model) and evaluate the whole sliced
+model with mope_dist.eval, exactly as a user would evaluate a pruned model. One full two-tower
+evaluation per unit; single process only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mope_dist import dist
+from mope_dist.eval import evaluate_retrieval, evaluate_zeroshot
+from mope_dist.model import slice_model
+from mope_dist.mope.proxies import RECALL_KS, ClassificationProxy, Proxy, z_from_counts
+from mope_dist.mope.report import ScoreResult
+from mope_dist.mope.units import Unit, check_units, keep_without
+
+
+@torch.inference_mode()
+def proxy_counts(model, proxy: Proxy, device: torch.device | str = "cpu", batch_size: int = 64) -> list[int]:
+    """The proxy's integer counts for a whole model, via the evaluation module."""
+    model = model.to(device).eval()
+    if isinstance(proxy, ClassificationProxy):
+        k, m, ctx = proxy.class_texts.shape
+        tokens = proxy.class_texts.reshape(k * m, ctx)
+        feats = torch.cat(
+            [
+                model.encode_text(tokens[i : i + batch_size].to(device), normalize=True)
+                for i in range(0, k * m, batch_size)
+            ]
+        )
+        classifier = F.normalize(feats.view(k, m, -1).mean(1), dim=-1).T
+        batches = [
+            (proxy.images[i : i + batch_size], proxy.labels[i : i + batch_size])
+            for i in range(0, proxy.images.shape[0], batch_size)
+        ]
+        out = evaluate_zeroshot(model, batches, classifier, device, autocast=False, progress=False)
+        return [round(out["top1"] * out["n"])]
+    out = evaluate_retrieval(
+        model, proxy.images, proxy.texts, proxy.text_to_image, device, batch_size=batch_size, autocast=False
+    )
+    n_img, n_txt = proxy.images.shape[0], proxy.texts.shape[0]
+    return [round(out[f"i2t_R@{k}"] * n_img) for k in RECALL_KS] + [
+        round(out[f"t2i_R@{k}"] * n_txt) for k in RECALL_KS
+    ]
+
+
+def score_mope_naive(
+    model, units: Sequence[Unit], proxy: Proxy, device: torch.device | str = "cpu", batch_size: int = 64
+) -> ScoreResult:
+    """MoPE scores by slicing out one unit at a time and evaluating the full sliced model."""
+    if dist.get_world_size() > 1:
+        raise RuntimeError("the naive reference runs in a single process")
+    units = list(units)
+    check_units(model, units)
+    rows = [proxy_counts(model, proxy, device, batch_size)]
+    for u in units:
+        rows.append(proxy_counts(slice_model(model, keep_without(model, u)), proxy, device, batch_size))
+    z = z_from_counts(torch.tensor(rows), proxy.totals()).tolist()
+    return ScoreResult(
+        method="mope",
+        units=units,
+        scores=[z[0] - zi for zi in z[1:]],
+        z=z[1:],
+        counts=rows[1:],
+        base_z=z[0],
+        base_counts=rows[0],
+        meta={"proxy": proxy.kind, "totals": proxy.totals().tolist(), "world_size": 1, "reference": "naive"},
+    )

@@ -1,0 +1,242 @@
+"""MoPE scoring engine vs the naive slice-and-evaluate reference, 1 vs 2 ranks, baselines, outputs.
+
+Run as a script (under torchrun) this file is also the 2-process worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_images, tiny_open_clip, tiny_texts  # noqa: E402
+
+from mope_dist.model import count_params, from_open_clip, load_model, save_pretrained, slice_model  # noqa: E402
+from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor, unit_tensors  # noqa: E402
+from mope_dist.mope.engine import score_mope  # noqa: E402
+from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, local_batches  # noqa: E402
+from mope_dist.mope.reference import score_mope_naive  # noqa: E402
+from mope_dist.mope.report import read_scores, write_scores  # noqa: E402
+from mope_dist.mope.units import enumerate_units, keep_without  # noqa: E402
+
+K, M = 6, 3  # classes, templates
+GROUPS = 4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waiting
+    makes them 10-50x slower; one thread also matches the kernels of the 1-thread torchrun workers."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return from_open_clip(tiny_open_clip(layers=2, width=64, head_width=16)).eval()
+
+
+def make_proxies(model, n_images: int = 27):
+    """Random images; half the labels are the model's own prediction, so removals move the count."""
+    g = torch.Generator().manual_seed(1)
+    class_texts = tiny_texts(K * M, seed=3).view(K, M, -1)
+    images = tiny_images(n_images, seed=1)
+    with torch.no_grad():
+        clf = torch.nn.functional.normalize(
+            model.encode_text(class_texts.view(K * M, -1), normalize=True).view(K, M, -1).mean(1), dim=-1
+        )
+        pred = (model.encode_image(images, normalize=True) @ clf.T).argmax(1)
+    labels = torch.randint(K, (n_images,), generator=g)
+    labels[::2] = pred[::2]
+    cls = ClassificationProxy(images, labels, class_texts)
+    n_txt = 2 * n_images - 5  # most images have two captions, a few have one
+    ret = RetrievalProxy(
+        tiny_images(n_images, seed=4), tiny_texts(n_txt, seed=5), torch.arange(n_txt) % n_images
+    )
+    return cls, ret
+
+
+def test_units_inventory_and_params(model):
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    per_layer = 4 + GROUPS + 1
+    assert len(units) == 2 * 2 * per_layer
+    for tower in ("vision", "text"):
+        for layer in range(2):
+            groups = [u for u in units if u.tower == tower and u.layer == layer and u.kind == "neurons"]
+            assert sorted(n for u in groups for n in u.neurons) == list(range(256))
+            # magnitude grouping: every neuron of group g is at least as large as any of group g+1
+            block = (model.visual if tower == "vision" else model.text).blocks[layer]
+            mag = block.mlp.c_fc.weight.norm(dim=1) * block.mlp.c_proj.weight.norm(dim=0)
+            for a, b in zip(groups, groups[1:], strict=False):
+                assert mag[list(a.neurons)].min() >= mag[list(b.neurons)].max()
+                assert list(a.neurons) == sorted(a.neurons, key=lambda i: -mag[i])
+    contiguous = enumerate_units(
+        model, towers=["text"], kinds=["neurons"], neuron_groups=3, grouping="contiguous"
+    )
+    assert [len(u.neurons) for u in contiguous[:3]] == [86, 85, 85] and contiguous[0].neurons[:2] == (0, 1)
+    assert {u.kind for u in enumerate_units(model, kinds=["layer"])} == {"layer"}
+    total = count_params(model)["total"]
+    for u in units:
+        if u.index in (0, 1):  # a sample of each kind in both towers
+            assert total - count_params(slice_model(model, keep_without(model, u)))["total"] == u.params, u
+            assert sum(t.numel() for t in unit_tensors(model, u)) == u.params, u
+
+
+def test_local_batches_partition():
+    for n, bs, world in [(27, 4, 2), (5, 8, 3), (0, 4, 2), (12, 4, 3)]:
+        rows = sorted(i for r in range(world) for s, e in local_batches(n, bs, r, world) for i in range(s, e))
+        assert rows == list(range(n))
+        assert all(e - s == bs for r in range(world) for s, e in local_batches(n, bs, r, world)[:-1])
+
+
+# gather budgets that split the text candidates' classifiers / the galleries into several passes
+@pytest.mark.parametrize("kind,gather_bytes", [("classification", 3000), ("retrieval", 30000)])
+def test_engine_equals_naive_reference(model, kind, gather_bytes):
+    """Exact integer counts of the batched, cached engine == slice each unit out and evaluate."""
+    proxy = dict(zip(["classification", "retrieval"], make_proxies(model), strict=True))[kind]
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    got = score_mope(
+        model, units, proxy, batch_size=8, candidates_per_forward=3, gather_bytes=gather_bytes, progress=False
+    )
+    ref = score_mope_naive(model, units, proxy, batch_size=16)
+    assert got.base_counts == ref.base_counts
+    assert got.counts == ref.counts
+    assert got.scores == ref.scores
+    assert 0 < got.base_z < 1
+    assert sum(s != 0 for s in got.scores) >= len(units) // 4, "removals should move the proxy"
+
+
+def test_depth_scores_on_width_pruned_model(model):
+    """Fine-tuning stage: layers only, on a model whose layers have different head/MLP counts."""
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    keep = keep_without(model, units[0])  # vision layer 0 loses a head
+    keep.vision.mlp = {1: list(range(0, 256, 2))}
+    pruned = slice_model(model, keep).eval()
+    cls, _ = make_proxies(pruned)
+    layers = enumerate_units(pruned, kinds=["layer"])
+    got = score_mope(pruned, layers, cls, batch_size=8, progress=False)
+    ref = score_mope_naive(pruned, layers, cls, batch_size=16)
+    assert got.counts == ref.counts and len(got.scores) == 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _score_both(model, cls, ret):
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    kw = dict(batch_size=4, candidates_per_forward=4, gather_bytes=30000, progress=False)
+    return {name: score_mope(model, units, p, **kw).to_dict() for name, p in (("cls", cls), ("ret", ret))}
+
+
+def test_two_ranks_equal_one(model, tmp_path):
+    cls, ret = make_proxies(model, n_images=23)  # 23 images in batches of 4: ranks get 3 and 3 batches
+    save_pretrained(model, tmp_path / "model")
+    tensors = {"images": cls.images, "labels": cls.labels, "class_texts": cls.class_texts}
+    tensors |= {"r_images": ret.images, "r_texts": ret.texts, "t2i": ret.text_to_image}
+    save_file(tensors, tmp_path / "data.safetensors")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), __file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = _score_both(model, cls, ret)  # one thread, like the workers (see one_thread)
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for name in ("cls", "ret"):
+            assert got[name]["meta"]["world_size"] == 2
+            assert got[name]["base_counts"] == one[name]["base_counts"]
+            assert [u["counts"] for u in got[name]["units"]] == [u["counts"] for u in one[name]["units"]]
+            assert [u["score"] for u in got[name]["units"]] == [u["score"] for u in one[name]["units"]]
+
+
+def _worker(out_dir: Path):
+    from mope_dist import dist
+
+    dist.init_distributed(timeout_s=60)
+    torch.set_num_threads(1)
+    model = load_model(out_dir / "model")
+    t = load_file(out_dir / "data.safetensors")
+    cls = ClassificationProxy(t["images"], t["labels"], t["class_texts"])
+    ret = RetrievalProxy(t["r_images"], t["r_texts"], t["t2i"])
+    out = _score_both(model, cls, ret)
+    (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+
+
+def _spearman(a, b) -> float:
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def test_baselines(model):
+    cls, ret = make_proxies(model)
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    mope = score_mope(model, units, cls, batch_size=8, progress=False)
+    results = [
+        score_magnitude(model, units, p=1),
+        score_magnitude(model, units, p=2),
+        score_random(units, seed=3),
+        score_taylor(model, units, cls, batch_size=8),
+        score_taylor(model, units, ret, batch_size=8),
+    ]
+    for r in results:
+        assert len(r.scores) == len(units) and all(torch.isfinite(torch.tensor(r.scores)))
+        assert r.units == units
+        assert abs(_spearman(r.scores, mope.scores)) < 0.99, r.method
+    assert score_random(units, seed=3).scores == results[2].scores != score_random(units, seed=4).scores
+    assert all(s > 0 for s in results[0].scores)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_taylor_equals_full_graph_gradient(model):
+    """The two-stage gradient (features first, then towers) equals one end-to-end backward."""
+    cls, _ = make_proxies(model)
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    got = score_taylor(model, units, cls, batch_size=8)
+    k, m, _ = cls.class_texts.shape
+    text = model.encode_text(cls.class_texts.view(k * m, -1), normalize=True)
+    classifier = torch.nn.functional.normalize(text.view(k, m, -1).mean(1), dim=-1)
+    logits = model.logit_scale.exp() * model.encode_image(cls.images, normalize=True) @ classifier.T
+    torch.nn.functional.cross_entropy(logits, cls.labels).backward()
+    ref = [float(sum(t.sum() for t in unit_tensors(model, u, lambda p: (p.grad * p).abs()))) for u in units]
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(ref), rtol=1e-4, atol=1e-7)
+
+
+def test_write_scores_json_png_tensorboard(model, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    cls, _ = make_proxies(model)
+    units = enumerate_units(model, neuron_groups=GROUPS)
+    result = score_mope(model, units, cls, batch_size=8, progress=False)
+    writer = SummaryWriter(tmp_path / "tb")
+    path = write_scores(result, tmp_path / "scores", tb_writer=writer)
+    writer.close()
+    data = json.loads(path.read_text())
+    assert data["format"] == "mope-dist-scores" and data["base_z"] == result.base_z
+    rec = data["units"][0]
+    assert set(rec) >= {"tower", "kind", "layer", "index", "neurons", "params", "score", "z", "counts"}
+    back = read_scores(path)
+    assert back.units == units and back.scores == result.scores and back.counts == result.counts
+    pngs = sorted(p.name for p in (tmp_path / "scores").glob("*.png"))
+    assert pngs == [f"{t}_{k}.png" for t in ("text", "vision") for k in ("head", "layer", "neurons")]
+    acc = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert "scores/vision_head" in acc.Tags()["images"]
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
