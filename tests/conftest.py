@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Test the working tree. Also works around setuptools' editable finder registering `mope_dist` as a
+# namespace package (its __init__.py, and so `mope_dist.load_model`, is skipped when the repo root is
+# not on sys.path, as under pytest).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGE_SIZE = 32
 CONTEXT_LENGTH = 16
@@ -39,8 +45,8 @@ def tiny_open_clip_cfg(
         mlp_ratio=4.0,
         pool_type=pool,
         ls_init_value=0.5 if layer_scale else None,
-        **vision_extra,
     )
+    vision_cfg.update(vision_extra)
     text_cfg = dict(
         context_length=CONTEXT_LENGTH,
         vocab_size=VOCAB_SIZE,
@@ -58,7 +64,7 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("logit_scale"):
+            if name.endswith(("logit_scale", "logit_bias")):
                 continue
             scale = 0.5 if p.ndim == 1 else p.shape[-1] ** -0.5
             base = 1.0 if ("ln" in name and name.endswith("weight")) or name.endswith("gamma") else 0.0

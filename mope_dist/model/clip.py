@@ -95,7 +95,7 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, T, W = x.shape
         if self.num_heads == 0:  # every head removed: the branch is its output bias
-            return self.out_proj.bias.to(x.dtype).expand(B, T, W)
+            return torch.zeros_like(x) + self.out_proj.bias.to(x.dtype)
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         if head_mask is not None:
@@ -112,7 +112,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, neuron_mask: Tensor | None = None) -> Tensor:
         if self.c_fc.out_features == 0:  # every neuron removed: the branch is its output bias
-            return self.c_proj.bias.to(x.dtype).expand_as(x)
+            return torch.zeros_like(x) + self.c_proj.bias.to(x.dtype)
         h = self.act(self.c_fc(x))
         if neuron_mask is not None:
             h = h * neuron_mask[:, None, :]
@@ -255,7 +255,8 @@ class TextTower(Tower):
         w = spec.width
         self.context_length, self.vocab_size = spec.context_length, spec.vocab_size
         self.token_embedding = nn.Embedding(spec.vocab_size, w)
-        self.positional_embedding = nn.Parameter(torch.empty(spec.context_length, w))
+        self.cls_emb = nn.Parameter(torch.empty(w)) if spec.embed_cls else None
+        self.positional_embedding = nn.Parameter(torch.empty(spec.num_tokens, w))
         self._build_blocks(spec, act)
         self.ln_final = nn.LayerNorm(w, eps=spec.norm_eps)
         if spec.proj_type == "linear":
@@ -270,6 +271,8 @@ class TextTower(Tower):
         """open_clip's TextTransformer init, so a spec built from scratch trains like open_clip's."""
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        if self.cls_emb is not None:
+            nn.init.normal_(self.cls_emb, std=0.01)
         w, n = self.spec.width, max(1, len(self.blocks))
         for block in self.blocks:
             nn.init.normal_(block.attn.qkv.weight, std=w**-0.5)
@@ -285,22 +288,45 @@ class TextTower(Tower):
 
     def embed(self, text: Tensor) -> Tensor:
         x = self.token_embedding(text)
-        return x + self.positional_embedding[: text.shape[1]].to(x.dtype)
+        if self.cls_emb is not None:
+            x = torch.cat([x, self.cls_emb.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)], dim=1)
+        return x + self.positional_embedding[: x.shape[1]].to(x.dtype)
 
     def _attn_args(self, x: Tensor, inputs: Tensor | None) -> tuple[Tensor | None, bool]:
-        return None, self.spec.causal
+        """Causal via SDPA's is_causal; with a padding mask, one additive mask per row [B, 1, T, T]."""
+        spec = self.spec
+        if not (spec.pad_mask or spec.embed_cls):
+            return None, spec.causal
+        if inputs is None:
+            raise ValueError(
+                "this text tower masks padding: pass the token ids as run_blocks(..., inputs=text)"
+            )
+        valid = _repeat_rows(inputs, x.shape[0]) != spec.pad_id
+        if spec.embed_cls:
+            ones = valid.new_ones(valid.shape[0], 1)
+            valid = torch.cat([valid, ones] if spec.correct_cls_mask else [ones, valid], dim=1)
+        T = x.shape[1]
+        mask = torch.zeros(valid.shape[0], 1, T, T, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        if spec.causal:
+            mask = mask + torch.full((T, T), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
+        return mask, False
 
     def head(self, x: Tensor, text: Tensor) -> Tensor:
-        x = self.ln_final(x)
-        pool = self.spec.pool_type
-        if pool == "first":
+        pool = "cls" if self.spec.embed_cls else self.spec.pool_type
+        x = self.ln_final(x[:, -1]) if pool == "cls" else self.ln_final(x)  # open_clip: LN after the cls pool
+        if pool == "cls":
+            pooled = x
+        elif pool == "first":
             pooled = x[:, 0]
         elif pool == "last":
             pooled = x[:, -1]
         else:
             text = _repeat_rows(text, x.shape[0])
             idx = text.argmax(dim=-1) if pool == "argmax" else (text == self.spec.eos_id).int().argmax(dim=-1)
-            pooled = x[torch.arange(x.shape[0], device=x.device), idx]
+            pooled = x.gather(1, idx.view(-1, 1, 1).expand(-1, 1, x.shape[2])).squeeze(
+                1
+            )  # x[arange, idx], faster
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(pooled)
         return pooled if self.text_projection is None else pooled @ self.text_projection

@@ -122,13 +122,18 @@ def _text(model: nn.Module) -> tuple[dict, dict, str]:
         t = model.text
         if not isinstance(t, open_clip.transformer.TextTransformer):
             raise _unsupported(f"text tower {type(t).__name__}")
-        if t.cls_emb is not None or t.use_pad_mask:
-            raise _unsupported("a text tower with embed_cls or a padding mask")
         parts = t
         pool_type, eos_id = t.pool_type, t.eos_id
-    else:
+        extra = dict(
+            embed_cls=t.cls_emb is not None,
+            pad_mask=bool(t.use_pad_mask),
+            pad_id=int(t.pad_id),
+            correct_cls_mask=bool(t.correct_cls_mask),
+        )
+    else:  # open_clip.CLIP ignores embed_cls and padding masks in encode_text
         parts = model
         pool_type, eos_id = model.text_pool_type, model.text_eos_id
+        extra = {}
     if pool_type not in ("argmax", "eos", "first", "last"):
         raise _unsupported(f"text pool_type {pool_type!r}")
     resblocks = parts.transformer.resblocks
@@ -137,10 +142,10 @@ def _text(model: nn.Module) -> tuple[dict, dict, str]:
     proj_type = "none" if proj is None else "linear" if isinstance(proj, nn.Linear) else "param"
     if proj_type == "linear" and proj.bias is None:
         raise _unsupported("a bias-free nn.Linear text projection")
-    ctx, width = parts.positional_embedding.shape
     spec = dict(
         **common,
-        context_length=ctx,
+        **extra,
+        context_length=parts.context_length,
         vocab_size=parts.token_embedding.num_embeddings,
         pool_type=pool_type,
         eos_id=int(eos_id),
@@ -154,6 +159,8 @@ def _text(model: nn.Module) -> tuple[dict, dict, str]:
         "text.ln_final.bias": parts.ln_final.bias,
         **_block_state("text", resblocks, common["layer_scale"]),
     }
+    if extra.get("embed_cls"):
+        sd["text.cls_emb"] = parts.cls_emb
     if proj_type == "linear":
         sd["text.text_projection.weight"], sd["text.text_projection.bias"] = proj.weight, proj.bias
     elif proj_type == "param":

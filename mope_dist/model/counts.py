@@ -41,7 +41,7 @@ def count_params(model_or_spec) -> dict:
     v, t, e = s.vision, s.text, s.embed_dim
     vision = 3 * v.width * v.patch_size[0] * v.patch_size[1] + v.width + v.num_tokens * v.width
     vision += 2 * v.width * v.ln_pre + _block_params(v) + 2 * v.width + v.width * e
-    text = (t.vocab_size + t.context_length) * t.width + _block_params(t) + 2 * t.width
+    text = (t.vocab_size + t.num_tokens + t.embed_cls) * t.width + _block_params(t) + 2 * t.width
     text += {"param": t.width * e, "linear": t.width * e + e, "none": 0}[t.proj_type]
     other = 1 + (s.init_logit_bias is not None)
     return {"vision": vision, "text": text, "other": other, "total": vision + text + other}
@@ -54,7 +54,7 @@ def count_flops(model_or_spec) -> dict:
     patches = v.num_tokens - 1
     image = 2 * patches * v.width * 3 * v.patch_size[0] * v.patch_size[1] + _block_flops(v, v.num_tokens)
     image += 2 * v.width * e
-    text = _block_flops(t, t.context_length) + (2 * t.width * e if t.proj_type != "none" else 0)
+    text = _block_flops(t, t.num_tokens) + (2 * t.width * e if t.proj_type != "none" else 0)
     return {"image": image, "text": text}
 
 

@@ -95,14 +95,16 @@ def _slice_block(
     hi = torch.tensor(heads, dtype=torch.long, device=dev)
     ni = torch.tensor(neurons, dtype=torch.long, device=dev)
     H, k = out[dst + "attn.qkv.weight"].shape[0] // (3 * d), len(heads)
-    out[dst + "attn.qkv.weight"] = out[dst + "attn.qkv.weight"].view(3, H, d, W)[:, hi].reshape(3 * k * d, W)
-    out[dst + "attn.qkv.bias"] = out[dst + "attn.qkv.bias"].view(3, H, d)[:, hi].reshape(3 * k * d)
-    out[dst + "attn.out_proj.weight"] = (
-        out[dst + "attn.out_proj.weight"].view(W, H, d)[:, hi].reshape(W, k * d)
+    p = dst + "attn."
+    out[p + "qkv.weight"] = out[p + "qkv.weight"].view(3, H, d, W).index_select(1, hi).reshape(3 * k * d, W)
+    out[p + "qkv.bias"] = out[p + "qkv.bias"].view(3, H, d).index_select(1, hi).reshape(3 * k * d)
+    out[p + "out_proj.weight"] = (
+        out[p + "out_proj.weight"].view(W, H, d).index_select(1, hi).reshape(W, k * d)
     )
-    out[dst + "mlp.c_fc.weight"] = out[dst + "mlp.c_fc.weight"][ni]
-    out[dst + "mlp.c_fc.bias"] = out[dst + "mlp.c_fc.bias"][ni]
-    out[dst + "mlp.c_proj.weight"] = out[dst + "mlp.c_proj.weight"][:, ni]
+    p = dst + "mlp."
+    out[p + "c_fc.weight"] = out[p + "c_fc.weight"].index_select(0, ni)
+    out[p + "c_fc.bias"] = out[p + "c_fc.bias"].index_select(0, ni)
+    out[p + "c_proj.weight"] = out[p + "c_proj.weight"].index_select(1, ni)
     return out
 
 

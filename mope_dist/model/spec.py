@@ -70,6 +70,11 @@ class TextSpec(TowerSpec):
     eos_id: int = 2
     causal: bool = True
     proj_type: str = "param"  # 'param' (x @ W), 'linear' (with bias), 'none'
+    # CoCa-style appended class token: pooled from the last position, LN after pooling, and a padding mask
+    embed_cls: bool = False
+    pad_mask: bool = False  # mask padding keys (token == pad_id); implied by embed_cls
+    pad_id: int = 0
+    correct_cls_mask: bool = False  # open_clip's flag: where the class token's key sits in the pad mask
 
     def __post_init__(self):
         super().__post_init__()
@@ -77,6 +82,10 @@ class TextSpec(TowerSpec):
             raise ValueError(f"text pool_type must be argmax/eos/first/last, got {self.pool_type!r}")
         if self.proj_type not in ("param", "linear", "none"):
             raise ValueError(f"text proj_type must be param/linear/none, got {self.proj_type!r}")
+
+    @property
+    def num_tokens(self) -> int:
+        return self.context_length + self.embed_cls
 
 
 @dataclass
