@@ -231,8 +231,7 @@ def _candidate_features(tower, x: Tensor, inputs: Tensor, layer: int, units: lis
     """Normalised features [C, n, D] of candidates (all in `layer`) from the stream x entering it."""
     c, n = len(units), x.shape[0]
     masks = candidate_masks(tower, units, device)
-    rep = inputs if inputs.is_floating_point() else inputs.repeat(c, 1)  # token ids, for padding masks
-    y = tower.run_blocks(x.repeat(c, 1, 1), layer, masks=masks, inputs=rep)
+    y = tower.run_blocks(x.repeat(c, 1, 1), layer, masks=masks, inputs=inputs)
     return F.normalize(tower.head(y, inputs).float(), dim=-1).view(c, n, -1)
 
 
