@@ -219,7 +219,10 @@ def test_taylor_equals_full_graph_gradient(model):
     classifier = torch.nn.functional.normalize(text.view(k, m, -1).mean(1), dim=-1)
     logits = model.logit_scale.exp() * model.encode_image(cls.images, normalize=True) @ classifier.T
     torch.nn.functional.cross_entropy(logits, cls.labels).backward()
-    ref = [float(sum(t.sum() for t in unit_tensors(model, u, lambda p: (p.grad * p.detach()).abs()))) for u in units]
+    ref = [
+        float(sum(t.sum() for t in unit_tensors(model, u, lambda p: (p.grad * p.detach()).abs())))
+        for u in units
+    ]
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(torch.tensor(got.scores), torch.tensor(ref), rtol=1e-4, atol=1e-7)
 

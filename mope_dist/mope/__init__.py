@@ -1,1 +1,27 @@
-"""mope"""
+"""MoPE scoring: unit inventory, zero-shot proxies, the distributed scoring engine, baselines, reports.
+
+units = enumerate_units(model)                                   # heads, neuron groups, layers
+result = score_mope(model, units, ClassificationProxy(images, labels, class_texts), device)
+write_scores(result, "run/scores")                               # scores.json + heatmaps
+"""
+
+from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor
+from mope_dist.mope.engine import score_mope
+from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, class_text_tokens
+from mope_dist.mope.report import ScoreResult, read_scores, write_scores
+from mope_dist.mope.units import Unit, enumerate_units
+
+__all__ = [
+    "ClassificationProxy",
+    "RetrievalProxy",
+    "ScoreResult",
+    "Unit",
+    "class_text_tokens",
+    "enumerate_units",
+    "read_scores",
+    "score_magnitude",
+    "score_mope",
+    "score_random",
+    "score_taylor",
+    "write_scores",
+]

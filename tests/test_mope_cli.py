@@ -1,0 +1,91 @@
+"""`python -m mope_dist.mope`: config -> scores.json, heatmaps, TensorBoard; bad config -> exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_open_clip  # noqa: E402
+
+from mope_dist.data.synthetic import write_labelled_set, write_retrieval_set  # noqa: E402
+from mope_dist.model import from_open_clip, save_pretrained  # noqa: E402
+from mope_dist.mope.__main__ import main  # noqa: E402
+from mope_dist.mope.report import read_scores  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: threads only add OpenMP overhead
+    save_pretrained(from_open_clip(tiny_open_clip(layers=2, width=64, head_width=16)), root / "model")
+    write_labelled_set(root / "val", per_class=2)
+    retrieval = write_retrieval_set(root / "retrieval", num_images=10, captions_per_image=2)
+    config = {
+        "teacher": {"name": str(root / "model")},
+        "mope": {
+            "neuron_groups": 2,
+            "candidates_per_forward": 4,
+            "proxy": {
+                "kind": "classification",
+                "data": str(root / "val"),
+                "classnames": str(root / "val" / "classnames.txt"),
+                "templates": str(root / "val" / "templates.txt"),
+                "batch_size": 16,
+            },
+        },
+        "output": {"dir": str(root / "run")},
+    }
+    (root / "cfg.yaml").write_text(yaml.safe_dump(config))
+    yield root, retrieval
+    torch.set_num_threads(threads)
+
+
+def test_cli_writes_scores_heatmaps_tensorboard(setup, capsys):
+    root, _ = setup
+    main(["--config", str(root / "cfg.yaml")])
+    assert "scored 28 units (mope, base Z" in capsys.readouterr().out
+    result = read_scores(root / "run" / "scores" / "scores.json")
+    assert len(result.units) == 2 * 2 * (4 + 2 + 1) and result.meta["proxy"] == "classification"
+    assert 0 < result.base_z <= 1 and result.meta["totals"] == [2 * 24]  # 24 classes x 2 images
+    assert len(list((root / "run" / "scores").glob("*.png"))) == 6
+    assert list((root / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((root / "run" / "config.yaml").read_text())["mope"]["neuron_groups"] == 2
+
+
+def test_cli_retrieval_depth_only_and_baseline(setup):
+    root, retrieval = setup
+    out = root / "run_ret"
+    overrides = [f"output.dir={out}", "mope.proxy.kind=retrieval", f"mope.proxy.data={retrieval}"]
+    main(["--config", str(root / "cfg.yaml"), *overrides, "mope.kinds=[layer]", "mope.towers=[text]"])
+    data = json.loads((out / "scores" / "scores.json").read_text())
+    assert [(u["tower"], u["kind"], u["layer"]) for u in data["units"]] == [
+        ("text", "layer", 0),
+        ("text", "layer", 1),
+    ]
+    assert data["meta"]["totals"] == [10, 10, 10, 20, 20, 20]
+    main(["--config", str(root / "cfg.yaml"), f"output.dir={root / 'run_mag'}", "mope.method=magnitude"])
+    assert read_scores(root / "run_mag" / "scores" / "scores.json").method == "magnitude-l1"
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("mope.proxy.data=", "mope.proxy.data is required"),
+        ("mope.kinds=[heads]", "mope.kinds[0]"),
+        ("mope.method=fisher", "mope.method"),
+    ],
+)
+def test_cli_bad_config_exits_2(setup, capsys, override, message):
+    root, _ = setup
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(root / "cfg.yaml"), override])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error:") and message in err and len(err.strip().splitlines()) == 1
