@@ -1,8 +1,8 @@
 """MoPE scoring: unit inventory, zero-shot proxies, the distributed scoring engine, baselines, reports.
 
-units = enumerate_units(model)                                   # heads, neuron groups, layers
-result = score_mope(model, units, ClassificationProxy(images, labels, class_texts), device)
-write_scores(result, "run/scores")                               # scores.json + heatmaps
+Typical use: `units = enumerate_units(model)`, then `result = score_mope(model, units, proxy, device)`
+with a ClassificationProxy or RetrievalProxy, then `write_scores(result, out_dir)` for scores.json
+and heatmaps. `python -m mope_dist.mope --config CONFIG.yaml` does the same from a recipe.
 """
 
 from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor
