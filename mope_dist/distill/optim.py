@@ -1,0 +1,87 @@
+"""Optimizer parameter groups, the warmup + cosine LR schedule, and the DeepSpeed config dict."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NO_DECAY_NAMES = ("embedding", "logit_scale")  # token/positional/class embeddings, temperature
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay on matrices; none on norms, biases, embeddings and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or any(k in name for k in NO_DECAY_NAMES):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6
+) -> torch.optim.AdamW:
+    """torch AdamW (no fused kernel to JIT-build, works on CPU and GPU under every ZeRO stage)."""
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+
+
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to min_lr.
+
+    A pure function of the step, so a resumed run gets the same LR as an uninterrupted one.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (base_lr - min_lr)
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_ds_config(
+    micro_batch_size: int,
+    grad_accum_steps: int = 1,
+    zero_stage: int = 0,
+    precision: str = "fp32",
+    grad_clip: float = 0.0,
+    extra: dict | None = None,
+) -> dict:
+    """DeepSpeed config dict (passed to deepspeed.initialize(config=...), never written to a file).
+
+    `extra` is merged last (e.g. {"zero_optimization": {"offload_optimizer": {...}}}), one level deep.
+    Non-finite gradients skip the step in every precision: fp16 through the dynamic loss scaler,
+    bf16 through `check_grad_overflow`; fp32 through the gradient-norm check (see trainer).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 2**31 - 1,  # the trainer does its own logging
+        "wall_clock_breakdown": False,
+    }
+    for key, value in (extra or {}).items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config

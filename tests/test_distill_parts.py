@@ -1,0 +1,163 @@
+"""Single-process pieces of the trainer: param groups, LR schedule, DS config, checkpoint manager, mirror,
+metrics log, hidden-state recorder."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mope_dist.distill.checkpoint import MARKER, CheckpointManager, Mirror, step_tag
+from mope_dist.distill.metrics import MetricsLog
+from mope_dist.distill.optim import build_ds_config, lr_at, param_groups
+from mope_dist.distill.trainer import HiddenRecorder
+
+
+@pytest.fixture
+def tiny_prunable(tiny_clip):
+    from mope_dist.model import from_open_clip
+
+    return from_open_clip(tiny_clip(layers=2, width=64, head_width=16))
+
+
+def test_param_groups_exclude_norms_biases_embeddings_and_logit_scale(tiny_prunable):
+    decay, no_decay = param_groups(tiny_prunable, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in tiny_prunable.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    for n in (
+        "logit_scale",
+        "text.token_embedding.weight",
+        "text.positional_embedding",
+        "visual.class_embedding",
+    ):
+        assert n in exempt
+    assert "visual.positional_embedding" in exempt
+    assert all(n.endswith(("bias", "weight")) for n in exempt if "ln" in n)
+    for n in (
+        "visual.conv1.weight",
+        "visual.proj",
+        "text.text_projection",
+        "visual.blocks.0.attn.qkv.weight",
+    ):
+        assert n in decayed
+    assert not any(n.endswith("bias") for n in decayed)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    base, warm, total, floor = 1e-3, 10, 110, 1e-5
+    assert lr_at(0, base, warm, total, floor) == pytest.approx(base / warm)
+    assert lr_at(9, base, warm, total, floor) == pytest.approx(base)
+    assert lr_at(10, base, warm, total, floor) == pytest.approx(base)
+    assert lr_at(60, base, warm, total, floor) == pytest.approx(floor + 0.5 * (base - floor))
+    assert lr_at(110, base, warm, total, floor) == pytest.approx(floor)
+    for s in range(10, 110):  # against the closed form
+        ref = floor + 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))) * (base - floor)
+        assert lr_at(s, base, warm, total, floor) == pytest.approx(ref)
+
+
+def test_ds_config_dict():
+    c = build_ds_config(8, 4, zero_stage=2, precision="bf16", grad_clip=1.0)
+    assert c["train_micro_batch_size_per_gpu"] == 8 and c["gradient_accumulation_steps"] == 4
+    assert c["zero_optimization"] == {"stage": 2} and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
+    assert c["gradient_clipping"] == 1.0
+    c = build_ds_config(8, extra={"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True})
+    assert c["zero_optimization"] == {"stage": 0, "overlap_comm": True} and c["wall_clock_breakdown"]
+    with pytest.raises(ValueError):
+        build_ds_config(8, zero_stage=4)
+    with pytest.raises(ValueError):
+        build_ds_config(8, precision="fp8")
+
+
+class FakeEngine:
+    """Writes/reads what DeepSpeed would, minus the tensors."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest  # `latest` is ours, written only once the tag is complete
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_text(json.dumps(client_state))
+        (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x" * 100)
+
+    def load_checkpoint(self, load_dir, tag, **kw):
+        return f"{load_dir}/{tag}", json.loads(
+            (Path(load_dir) / tag / "mp_rank_00_model_states.pt").read_text()
+        )
+
+
+def test_checkpoints_keep_last_k_and_never_take_an_incomplete_one(tmp_path):
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep=2)
+    engine = FakeEngine()
+    assert ckpt.latest() is None
+    for step in (10, 20, 30):
+        ckpt.save(engine, step, {"train_state": {"step": step}})
+    assert ckpt.complete_tags() == [step_tag(20), step_tag(30)]  # step 10 pruned
+    assert (ckpt.dir / "latest").read_text().strip() == step_tag(30) == ckpt.latest()
+    assert ckpt.load(engine, ckpt.latest())["train_state"]["step"] == 30
+
+    # a save interrupted after some shards: `latest` still names step 30, the dir has no marker
+    (ckpt.dir / step_tag(40)).mkdir()
+    (ckpt.dir / step_tag(40) / "mp_rank_00_model_states.pt").write_text("{}")
+    assert ckpt.latest() == step_tag(30)
+    # `latest` pointing at a damaged checkpoint (a shard truncated): fall back to the newest complete one
+    (ckpt.dir / "latest").write_text(step_tag(30))
+    (ckpt.dir / step_tag(30) / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_text("x")
+    assert ckpt.latest() == step_tag(20)
+    # the next save replaces the leftovers of the crashed one and prunes what is not complete
+    ckpt.save(engine, 40, {"train_state": {"step": 40}})
+    assert ckpt.latest() == step_tag(40) and (ckpt.dir / step_tag(40) / MARKER).is_file()
+    assert ckpt.complete_tags() == [step_tag(20), step_tag(40)] and not (ckpt.dir / step_tag(30)).exists()
+
+
+def test_mirror_copies_in_background_to_fsspec_url(tmp_path):
+    import fsspec
+
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep=1, mirror=Mirror("memory://run1", tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    ckpt.save(FakeEngine(), 1, {"train_state": {}})
+    ckpt.save(FakeEngine(), 2, {"train_state": {}})
+    ckpt.mirror.sync(["metrics.jsonl"])
+    ckpt.mirror.close()
+    fs = fsspec.filesystem("memory")
+    assert fs.cat("/run1/checkpoints/latest").decode().strip() == step_tag(2)
+    assert fs.exists(f"/run1/checkpoints/{step_tag(2)}/{MARKER}")
+    assert not fs.exists(f"/run1/checkpoints/{step_tag(1)}")  # pruned remotely as well
+    assert fs.cat("/run1/metrics.jsonl") == b'{"step": 1}\n'
+
+
+def test_metrics_log_forgets_steps_after_the_resumed_checkpoint(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (1, 2, 3):
+        log.write(step, {"loss/total": float(step)})
+    log.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss/to')  # torn line from a crash
+    log = MetricsLog(tmp_path, resume_step=2)
+    log.write(3, {"loss/total": 30.0})
+    log.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss/total"]) for x in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_hidden_recorder_matches_the_towers_own_hidden_states(tiny_prunable, checkpointing):
+    from conftest import tiny_images, tiny_texts
+
+    model = tiny_prunable.train()
+    model.set_grad_checkpointing(checkpointing)
+    images, texts = tiny_images(3), tiny_texts(3)
+    recorder = HiddenRecorder(model)
+    out = recorder(model, images, texts)
+    _, ref_image = model.encode_image(images, return_hidden=True)
+    _, ref_text = model.encode_text(texts, return_hidden=True)
+    assert len(out.image_hidden) == len(ref_image) == 2 and len(out.text_hidden) == len(ref_text) == 2
+    for a, b in zip(out.image_hidden + out.text_hidden, ref_image + ref_text, strict=True):
+        torch.testing.assert_close(a, b)
+    (out.image.sum() + sum(h.sum() for h in out.image_hidden)).backward()  # recomputation records nothing
+    assert len(recorder.hidden["visual"]) == 2
+    model(images, texts)  # outside a recorder call nothing is kept
+    assert len(recorder.hidden["visual"]) == 2
