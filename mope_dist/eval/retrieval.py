@@ -41,10 +41,10 @@ def _encode_all(
 
 
 def recall_at_k(similarity: torch.Tensor, positives: torch.Tensor, ks: Sequence[int]) -> dict[int, float]:
-    """Fraction of query rows with at least one positive among their top-k columns, for each k."""
+    """Fraction of queries (rows with at least one positive) with a positive among their top-k columns."""
+    queries = positives.any(dim=1)
     kmax = min(max(ks), similarity.shape[1])
-    top = similarity.topk(kmax, dim=1).indices
-    hit = positives.gather(1, top)
+    hit = positives[queries].gather(1, similarity[queries].topk(kmax, dim=1).indices)
     return {k: hit[:, : min(k, kmax)].any(dim=1).float().mean().item() for k in ks}
 
 
@@ -61,9 +61,10 @@ def evaluate_retrieval(
     """Recall of image->text and text->image retrieval.
 
     images [N_img, 3, H, W], texts [N_txt, ctx] token ids, text_to_image [N_txt] index of each caption's
-    image. An image query hits if any of its captions is in the top k. Every rank must call this with
+    image. An image query hits if any of its captions is in the top k; images without a caption are
+    no query (they still compete as text->image candidates). Every rank must call this with
     the same tensors. Returns {"i2t_R@1": ..., "t2i_R@1": ..., "mean_recall", n_images, n_texts,
-    seconds}; recalls are fractions.
+    n_i2t_queries (images with a caption), seconds}; recalls are fractions of the queries.
     """
     device = torch.device(device)
     text_to_image = torch.as_tensor(text_to_image, dtype=torch.long)
@@ -84,5 +85,10 @@ def evaluate_retrieval(
     t2i = recall_at_k(sim.T, positives.T, ks)
     out = {f"i2t_R@{k}": v for k, v in i2t.items()} | {f"t2i_R@{k}": v for k, v in t2i.items()}
     out["mean_recall"] = sum(out.values()) / len(out)
-    out |= {"n_images": images.shape[0], "n_texts": texts.shape[0], "seconds": time.perf_counter() - start}
+    out |= {
+        "n_images": images.shape[0],
+        "n_texts": texts.shape[0],
+        "n_i2t_queries": int(positives.any(1).sum()),
+    }
+    out["seconds"] = time.perf_counter() - start
     return out

@@ -107,8 +107,8 @@ def evaluate_zeroshot(
     dtype = model_dtype(model)
     weights = classifier.to(device=device, dtype=torch.float32)
     counts = torch.zeros(3, dtype=torch.float64, device=device)  # top1, top5, n
-    total = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not (progress and dist.is_main()), leave=False)
+    total = getattr(loader, "num_samples", None)  # this rank's images, when the loader knows it
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and dist.is_main()), leave=False)
     start = time.perf_counter()
     with eval_mode(model), torch.inference_mode():
         for images, labels in loader:
@@ -119,9 +119,7 @@ def evaluate_zeroshot(
             logits = features.float() @ weights
             top1, top5 = topk_correct(logits, labels, (1, 5))
             counts += torch.stack([top1, top5, torch.tensor(labels.numel(), device=device)]).to(counts.dtype)
-            bar.update(1)
-            if bar.n % 10 == 0:
-                bar.set_postfix(img_s=f"{counts[2].item() / (time.perf_counter() - start):.0f}")
+            bar.update(labels.numel())
     bar.close()
     dist.all_reduce_sum(counts)
     seconds = time.perf_counter() - start  # measured after the collective: the slowest rank's time
