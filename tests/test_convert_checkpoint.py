@@ -1,0 +1,213 @@
+"""tools/convert_checkpoint.py against DeepSpeed's own zero_to_fp32 (ZeRO 1-3), the stage-0 module state,
+and the engine's live weights, on checkpoints written by 2 ranks of a real DeepSpeed run.
+
+Run as a script (under torchrun) this file is also the worker that writes those checkpoints.
+"""
+
+import copy
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mope_dist.model import load_model, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOL = ROOT / "tools" / "convert_checkpoint.py"
+RUNS = {0: "bf16", 1: "fp32", 2: "bf16", 3: "fp32"}  # ZeRO stage -> precision of the run
+TAG = "step2"
+
+_spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
+tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tool)
+
+
+def tiny_student():
+    from conftest import tiny_open_clip
+
+    from mope_dist.model import KeepSpec, TowerKeep, from_open_clip, slice_model
+
+    teacher = from_open_clip(tiny_open_clip(layers=3))
+    keep = KeepSpec(
+        vision=TowerKeep(layers=[0, 2], heads={0: [0, 2], 2: [1]}, mlp={2: list(range(0, 256, 3))}),
+        text=TowerKeep(layers=[1, 2], heads={1: [3]}),
+    )
+    return slice_model(teacher, keep)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One 2-rank DeepSpeed run per ZeRO stage: out/stage{s}/{pruned,checkpoints,live.safetensors}."""
+    out = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--master_port", str(free_port()), __file__, str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out
+
+
+def reference_state(run: Path, stage: int) -> dict:
+    """What DeepSpeed itself says the weights are: zero_to_fp32, or the stage-0 module state."""
+    if stage == 0:
+        state = torch.load(run / "checkpoints" / TAG / "mp_rank_00_model_states.pt", weights_only=True)[
+            "module"
+        ]
+        return {k: v.float() for k, v in state.items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), TAG)
+
+
+@pytest.mark.parametrize("stage", sorted(RUNS))
+def test_matches_deepspeed(runs, tmp_path, stage):
+    run = runs / f"stage{stage}"
+    summary = tool.convert(run, tmp_path / "student")  # tag from checkpoints/latest
+    assert summary["zero_stage"] == stage and summary["tag"] == TAG and summary["global_steps"] == 2
+    ref = reference_state(run, stage)
+    got = load_model(tmp_path / "student").state_dict()
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float().reshape(got[k].shape)), k
+    # The engine's live weights at save time: the fp32 master itself, or its bf16 working copy.
+    live = load_file(run / "live.safetensors")
+    dtype = torch.bfloat16 if RUNS[stage] == "bf16" else torch.float32
+    for k, v in live.items():
+        want = v.to(dtype) if v.is_floating_point() else v
+        assert torch.equal(got[k].to(want.dtype), want.reshape(got[k].shape)), k
+    pruned = load_model(run / "pruned").state_dict()
+    assert any(not torch.equal(pruned[k], got[k]) for k in got), "training steps should have moved weights"
+    assert summary["params"]["total"] == sum(v.numel() for k, v in got.items())
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    assert config["provenance"]["converted_from"]["zero_stage"] == stage
+
+
+def test_cli_tag_dtype_and_outputs(runs, tmp_path):
+    run = runs / "stage0"
+    out = tmp_path / "bf16"
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(run / "checkpoints"), str(out), "--tag", TAG, "--dtype", "bf16"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["dtype"] == "bf16" and summary["params"]["total"] > 0
+    got = load_model(out).state_dict()
+    ref = reference_state(run, 0)
+    for k, v in ref.items():
+        assert got[k].dtype == torch.bfloat16 and torch.equal(
+            got[k], v.to(torch.bfloat16).reshape(got[k].shape)
+        ), k
+    # A tag folder is accepted directly; an existing output needs --overwrite.
+    tool.convert(run / "checkpoints" / TAG, out, overwrite=True)
+    assert load_model(out).state_dict()[next(iter(ref))].dtype == torch.float32
+
+
+def _error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        tool.main([str(a) for a in argv])
+    assert exc.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("convert_checkpoint: error: "), lines
+    return lines[0]
+
+
+def test_errors(runs, tmp_path, capsys):
+    run = runs / "stage0"
+    assert "is not a directory" in _error([tmp_path / "nope", tmp_path / "o"], capsys)
+    assert "not a DeepSpeed checkpoint" in _error([tmp_path, tmp_path / "o"], capsys)
+    assert "tag 'step9' not found" in _error([run, tmp_path / "o", "--tag", "step9"], capsys)
+    (tmp_path / "exists").mkdir()
+    assert "already exists" in _error([run, tmp_path / "exists"], capsys)
+    # The architecture must be the run's student: the teacher-sized config does not fit.
+    from conftest import tiny_open_clip
+
+    from mope_dist.model import from_open_clip
+
+    save_pretrained(from_open_clip(tiny_open_clip(layers=2)), tmp_path / "unpruned")
+    msg = _error([run, tmp_path / "o", "--student-config", tmp_path / "unpruned"], capsys)
+    assert "does not match the student" in msg and "visual.blocks.0.attn.qkv.weight has shape (96, 64)" in msg
+    save_pretrained(from_open_clip(tiny_open_clip(layers=3)), tmp_path / "deeper")
+    msg = _error([run, tmp_path / "o", "--student-config", tmp_path / "deeper" / "config.json"], capsys)
+    assert "missing tensors (e.g. visual.blocks.2." in msg
+    msg = _error([run, tmp_path / "o", "--student-config", tmp_path / "missing"], capsys)
+    assert "no student architecture" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_error_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(TOOL), str(tmp_path / "nope"), str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, DS_ACCELERATOR="cpu"),
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()]
+    assert lines == [f"convert_checkpoint: error: {tmp_path / 'nope'} is not a directory"]
+
+
+def _worker(out: Path) -> None:
+    """Train a tiny student 2 steps under each ZeRO stage, save a checkpoint and the live weights."""
+    import deepspeed
+    import torch.nn.functional as F
+
+    from mope_dist import dist
+
+    info = dist.init_distributed(timeout_s=120, use_deepspeed=True)
+    student = tiny_student()
+    for stage, precision in RUNS.items():
+        run = out / f"stage{stage}"
+        if info.is_main:
+            save_pretrained(student, run / "pruned")
+        model = copy.deepcopy(student).train()
+        # DeepSpeed 0.19.8 broadcasts every parameter as p.view(torch.uint8) (engine init; ZeRO-3
+        # partitioning), which fails on a 0-dim tensor: train the logit scale as shape [1].
+        model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
+        config = {
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": precision == "bf16"},
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        g = torch.Generator().manual_seed(info.rank)
+        for _ in range(2):
+            images = torch.randn(4, 3, 32, 32, generator=g).to(dtype)
+            texts = torch.randint(1, 49406, (4, 16), generator=g)
+            img, txt, scale = engine(images, texts)
+            logits = scale * img.float() @ txt.float().T
+            loss = F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))
+            engine.backward(loss)
+            engine.step()
+        engine.save_checkpoint(str(run / "checkpoints"), tag=TAG)
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+            live = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
+        if info.is_main:
+            save_file(live, run / "live.safetensors")
+        dist.barrier()
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
