@@ -116,6 +116,8 @@ class DistillConfig:
     losses: LossWeights = field(default_factory=LossWeights)
     local_loss: bool = False
     gather_with_grad: bool = False
+    # Recompute block activations in backward: less memory for a larger batch.
+    grad_checkpointing: bool = False
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 2
@@ -307,6 +309,11 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     teacher = cfg.teacher.name
     if teacher.startswith("local-dir:") and not Path(teacher[len("local-dir:") :]).is_dir():
         fail("teacher.name", f"directory {teacher[len('local-dir:') :]} does not exist")
+    if "/" in teacher and not teacher.startswith(("local-dir:", "hf-hub:")) and not Path(teacher).is_dir():
+        import open_clip  # only here: a name with a slash is either a model dir or an open_clip name
+
+        if teacher.replace("/", "-") not in open_clip.list_models():
+            fail("teacher.name", f"{teacher} is neither a model directory nor an open_clip model name")
     pretrained = cfg.teacher.pretrained
     if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
         if not Path(pretrained).is_file():

@@ -52,6 +52,7 @@ def test_resolved_config_round_trips(recipe, tmp_path):
         (["eval.data=/does/not/exist"], "eval.data", "the command line"),
         (["teacher.name=local-dir:/does/not/exist"], "teacher.name", "the command line"),
         (["teacher.pretrained=/no/weights.pt"], "teacher.pretrained", "the command line"),
+        (["teacher.name=runs/missing/final"], "teacher.name", "the command line"),
         (["prune.text.mlp=1.5"], "prune.text.mlp", "the command line"),
         (["prune.text.layers=0"], "prune.text.layers", "the command line"),
         (["distill.grad_accum=3"], "data.batch_size", "recipe.yaml"),

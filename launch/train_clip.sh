@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Contrastive CLIP pre-training from scratch with the project's trainer (used by the demo for its teacher).
+#   bash launch/train_clip.sh CONFIG.yaml [section.key=value ...]
+# Launcher settings come from the environment; see launch/common.sh.
+source "$(dirname "$0")/common.sh"
+exec "${deepspeed_cmd[@]}" "${launcher_args[@]}" --module mope_dist.train_clip "$@"

@@ -1,0 +1,211 @@
+"""Wiring shared by the entry points (pretrain, finetune, the scoring CLI): config sections -> library calls.
+
+Also the run directory rule: one per job, refusing to mix runs that would disagree on what they
+produced. Layout: config.yaml (resolved), scores/, plan.json, pruned/, checkpoints/, tensorboard/,
+final/, metrics.jsonl. The sections that decide scores, plan and pruned model (teacher, mope,
+prune) must match an existing run's; training settings may change between restarts (more steps).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from mope_dist import dist
+from mope_dist.config import Config, ConfigError, EvalConfig, ProxyConfig, save_config, validate_targets
+from mope_dist.data import (
+    load_classnames,
+    load_retrieval_set,
+    load_templates,
+    make_image_text_loader,
+    make_labelled_loader,
+)
+from mope_dist.distill.trainer import TrainArgs
+from mope_dist.eval.zeroshot import build_classifier, evaluate_zeroshot
+from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor
+from mope_dist.mope.engine import score_mope
+from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, class_text_tokens
+from mope_dist.mope.report import ScoreResult, write_scores
+from mope_dist.mope.units import enumerate_units
+from mope_dist.utils import get_logger
+
+log = get_logger("mope_dist.jobs")
+
+ARTIFACT_SECTIONS = ("teacher", "mope", "prune")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    """Check `cfg.output.dir` against a previous run's config, then write the resolved config (rank 0)."""
+    out = Path(cfg.output.dir)
+    previous_path = out / "config.yaml"
+    error = None
+    if dist.is_main():
+        try:
+            if previous_path.exists() and not cfg.output.overwrite:
+                previous = yaml.safe_load(previous_path.read_text()) or {}
+                current = cfg.to_dict()
+                changed = [s for s in ARTIFACT_SECTIONS if previous.get(s) != current[s]]
+                if changed:
+                    raise ConfigError(
+                        f"output.dir {out} holds a run with different {', '.join(changed)} settings: "
+                        "use a new output.dir or set output.overwrite=true"
+                    )
+                others = [k for k in current if k not in ARTIFACT_SECTIONS and previous.get(k) != current[k]]
+                if others:
+                    log.warning("resuming %s with changed settings: %s", out, ", ".join(others))
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, previous_path)
+        except (ConfigError, OSError) as e:
+            error = (
+                f"config error: {e}" if isinstance(e, ConfigError) else f"cannot write output.dir {out}: {e}"
+            )
+    error = dist.broadcast_object(error)
+    if error:
+        if dist.is_main():
+            print(error, file=sys.stderr)
+        raise SystemExit(2)
+    return out
+
+
+def check_targets(cfg: Config, spec) -> None:
+    """Absolute prune targets must fit the model; checked before any scoring work."""
+    towers = {"vision": spec.vision, "text": spec.text}
+    validate_targets(
+        cfg,
+        layers={k: t.num_layers for k, t in towers.items()},
+        heads={k: min(t.heads) for k, t in towers.items()},
+        mlp={k: min(t.mlp_dims) for k, t in towers.items()},
+    )
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Per-rank batch of one micro-step: the global batch split over ranks and accumulation steps."""
+    parts = world_size * cfg.distill.grad_accum
+    if cfg.data.batch_size % parts:
+        raise SystemExit(
+            f"config error: data.batch_size={cfg.data.batch_size} is not divisible by world size {world_size} "
+            f"x distill.grad_accum {cfg.distill.grad_accum}"
+        )
+    return cfg.data.batch_size // parts
+
+
+def train_loader(cfg: Config, preprocess, tokenizer, world_size: int):
+    return make_image_text_loader(
+        cfg.data.train_shards,
+        preprocess,
+        tokenizer,
+        batch_size=micro_batch_size(cfg, world_size),
+        num_workers=cfg.data.workers,
+        mode=cfg.data.mode,
+        seed=cfg.data.seed,
+        samples_per_epoch=cfg.data.samples_per_epoch,
+    )
+
+
+def train_args(cfg: Config, world_size: int, distill: bool = True) -> TrainArgs:
+    """TrainArgs from the distill and deepspeed sections; `distill=False` keeps only the contrastive term."""
+    d, losses = cfg.distill, cfg.distill.losses
+    return TrainArgs(
+        total_steps=d.steps,
+        micro_batch_size=micro_batch_size(cfg, world_size),
+        lr=d.lr,
+        min_lr=d.min_lr,
+        warmup_steps=d.warmup_steps,
+        weight_decay=d.weight_decay,
+        betas=tuple(d.betas),
+        eps=d.eps,
+        grad_accum_steps=d.grad_accum,
+        grad_clip=d.grad_clip,
+        zero_stage=cfg.deepspeed.zero_stage,
+        precision=cfg.deepspeed.precision,
+        ds_config_extra=cfg.deepspeed.extra or None,
+        grad_checkpointing=d.grad_checkpointing,
+        contrastive_weight=losses.contrastive,
+        kd_weight=losses.kd if distill else 0.0,
+        embed_weight=losses.embed if distill else 0.0,
+        hidden_weight=losses.hidden if distill else 0.0,
+        temperature=losses.kd_temperature,
+        local_loss=d.local_loss,
+        gather_with_grad=d.gather_with_grad,
+        log_every=d.log_every,
+        eval_every=d.eval_every,
+        save_every=d.ckpt_every,
+        keep_checkpoints=d.keep_checkpoints,
+        max_consecutive_skips=d.max_nonfinite_steps,
+        mirror_url=cfg.output.sync_url,
+    )
+
+
+def build_proxy(section: ProxyConfig, preprocess, tokenizer) -> ClassificationProxy | RetrievalProxy:
+    """The whole proxy set in memory on every rank (the scorer shards its batches over ranks)."""
+    if section.kind == "retrieval":
+        images, texts, text_to_image = load_retrieval_set(section.data, preprocess, tokenizer)
+        return RetrievalProxy(images, texts, text_to_image)
+    classnames = load_classnames(section.classnames)
+    loader = make_labelled_loader(
+        section.data,
+        preprocess,
+        section.batch_size,
+        rank=0,
+        world_size=1,
+        max_per_class=section.max_per_class,
+        classnames=classnames,
+    )
+    images, labels = zip(*loader, strict=True)
+    class_texts = class_text_tokens(classnames, load_templates(section.templates), tokenizer)
+    return ClassificationProxy(torch.cat(images), torch.cat(labels), class_texts)
+
+
+def score_units(
+    cfg: Config, model, preprocess, tokenizer, device, out_dir: Path, kinds=None, tb_writer=None
+) -> ScoreResult:
+    """Score the configured units of `model` with `cfg.mope.method`; rank 0 writes scores.json and heatmaps."""
+    m = cfg.mope
+    units = enumerate_units(model, m.towers, kinds or m.kinds, m.neuron_groups)
+    if m.method == "magnitude":
+        result = score_magnitude(model, units)
+    elif m.method == "random":
+        result = score_random(units, seed=m.seed)
+    else:
+        proxy = build_proxy(m.proxy, preprocess, tokenizer)
+        log.info("scoring %d units with %s on a %s proxy", len(units), m.method, m.proxy.kind)
+        model = model.to(device)
+        if m.method == "taylor":
+            result = score_taylor(model, units, proxy, device, batch_size=m.proxy.batch_size)
+        else:
+            result = score_mope(
+                model,
+                units,
+                proxy,
+                device,
+                batch_size=m.proxy.batch_size,
+                candidates_per_forward=m.candidates_per_forward,
+            )
+    if dist.is_main():
+        write_scores(result, out_dir, tb_writer=tb_writer)
+    dist.barrier()
+    return result
+
+
+def zeroshot_evaluator(section: EvalConfig, preprocess, tokenizer, device):
+    """`evaluate(model) -> {top1, top5}` on this rank's part of the eval set; collective on every rank."""
+    classnames = load_classnames(section.classnames)
+    templates = load_templates(section.templates)
+    loader = make_labelled_loader(
+        section.data,
+        preprocess,
+        section.batch_size,
+        max_per_class=section.max_per_class,
+        num_workers=section.workers,
+        classnames=classnames,
+    )
+
+    def evaluate(model) -> dict:
+        classifier = build_classifier(model, classnames, templates, tokenizer, device)
+        result = evaluate_zeroshot(model, loader, classifier, device, progress=False)
+        return {"top1": result["top1"], "top5": result["top5"]}
+
+    return evaluate

@@ -1,0 +1,96 @@
+"""Pre-training-stage compression in one job: MoPE scores -> one-shot width+depth pruning -> distillation.
+
+    bash launch/pretrain.sh CONFIG.yaml [section.key=value ...]
+
+Each phase is skipped when its output already exists in output.dir, and distillation resumes from
+the latest complete checkpoint, so rerunning the same command after a preemption continues the run.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from torch.utils.tensorboard import SummaryWriter
+
+from mope_dist import dist
+from mope_dist.config import Config, config_from_argv
+from mope_dist.distill.trainer import export_student, train
+from mope_dist.jobs import (
+    check_targets,
+    prepare_run_dir,
+    score_units,
+    train_args,
+    train_loader,
+    zeroshot_evaluator,
+)
+from mope_dist.model import format_counts_table, load_model, load_teacher, save_pretrained, slice_model
+from mope_dist.mope.report import read_scores
+from mope_dist.prune.plan import make_plan
+from mope_dist.utils import atomic_write_json, get_logger
+
+log = get_logger("mope_dist.pretrain")
+
+
+def prune_phase(cfg: Config, teacher, scores_path: Path, out: Path) -> None:
+    """plan.json + pruned/ from the scores (rank 0 writes; the others wait)."""
+    if dist.is_main():
+        result = read_scores(scores_path)
+        records = result.to_dict()["units"]
+        targets = {"vision": cfg.prune.vision, "text": cfg.prune.text}
+        keep = make_plan(teacher.spec, records, targets, cfg.prune.allocation)
+        student = slice_model(teacher, keep)
+        plan = {"method": result.method, "allocation": cfg.prune.allocation, "keep": keep.to_dict()}
+        atomic_write_json(out / "plan.json", plan)
+        provenance = {"teacher": cfg.teacher.name, "pretrained": cfg.teacher.pretrained, "plan": plan}
+        save_pretrained(student, out / "pruned", provenance=provenance)
+        print(format_counts_table(teacher, student, names=("teacher", "pruned")), flush=True)
+    dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
+    info = dist.init_distributed(cfg.dist_timeout_s, use_deepspeed=True)
+    out = prepare_run_dir(cfg)
+    teacher, preprocess_train, preprocess_val, tokenizer = load_teacher(
+        cfg.teacher.name, cfg.teacher.pretrained
+    )
+    # Everything that can fail on bad input is built before the first expensive phase.
+    check_targets(cfg, teacher.spec)
+    loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
+    args = train_args(cfg, info.world_size)
+    evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
+
+    scores_path = out / "scores" / "scores.json"
+    if scores_path.exists():
+        log.info("scores: reusing %s", scores_path)
+    else:
+        tb = SummaryWriter(out / "tensorboard") if info.is_main else None
+        score_units(cfg, teacher, preprocess_val, tokenizer, info.device, scores_path.parent, tb_writer=tb)
+        if tb is not None:
+            tb.close()
+
+    if (out / "pruned").exists():
+        log.info("prune: reusing %s", out / "pruned")
+    else:
+        prune_phase(cfg, teacher, scores_path, out)
+    student = load_model(out / "pruned")
+
+    result = train(student, teacher, loader, args, out, info, evaluate=evaluate)
+    provenance = {
+        "teacher": cfg.teacher.name,
+        "pretrained": cfg.teacher.pretrained,
+        "steps": result.state.step,
+    }
+    export_student(result.engine, out / "final", provenance=provenance)
+    if info.is_main:
+        print(
+            f"done: scores {scores_path}, plan {out / 'plan.json'}, pruned student {out / 'pruned'}, "
+            f"checkpoints {out / 'checkpoints'}, logs {out / 'metrics.jsonl'} and {out / 'tensorboard'}, "
+            f"final student {out / 'final'}",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
