@@ -4,10 +4,10 @@ and the engine's live weights, on checkpoints written by 2 ranks of a real DeepS
 Run as a script (under torchrun) this file is also the worker that writes those checkpoints.
 """
 
-import copy
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,14 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mope_dist.model import load_model, save_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "convert_checkpoint.py"
 RUNS = {0: "bf16", 1: "fp32", 2: "bf16", 3: "fp32"}  # ZeRO stage -> precision of the run
-TAG = "step2"
+TAG = "step_00000002"
 
 _spec = importlib.util.spec_from_file_location("convert_checkpoint", TOOL)
 tool = importlib.util.module_from_spec(_spec)
@@ -50,7 +49,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One 2-rank DeepSpeed run per ZeRO stage: out/stage{s}/{pruned,checkpoints,live.safetensors}."""
+    """One 2-rank training run per ZeRO stage: out/stage{s}/{pruned,checkpoints,final}."""
     out = tmp_path_factory.mktemp("runs")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
@@ -83,12 +82,12 @@ def test_matches_deepspeed(runs, tmp_path, stage):
     assert got.keys() == ref.keys()
     for k, v in ref.items():
         assert got[k].dtype == torch.float32 and torch.equal(got[k], v.float().reshape(got[k].shape)), k
-    # The engine's live weights at save time: the fp32 master itself, or its bf16 working copy.
-    live = load_file(run / "live.safetensors")
-    dtype = torch.bfloat16 if RUNS[stage] == "bf16" else torch.float32
-    for k, v in live.items():
-        want = v.to(dtype) if v.is_floating_point() else v
-        assert torch.equal(got[k].to(want.dtype), want.reshape(got[k].shape)), k
+    # The trainer's own export (live fp32 master weights): equal, or its bf16 rounding for a stage-0 bf16 run
+    # (stage 0 keeps no fp32 master in the checkpoint, only the bf16 working weights).
+    final = load_model(run / "final").state_dict()
+    for k, v in final.items():
+        want = v.to(torch.bfloat16).float() if (stage, RUNS[stage]) == (0, "bf16") else v
+        assert torch.equal(got[k], want), k
     pruned = load_model(run / "pruned").state_dict()
     assert any(not torch.equal(pruned[k], got[k]) for k in got), "training steps should have moved weights"
     assert summary["params"]["total"] == sum(v.numel() for k, v in got.items())
@@ -115,9 +114,13 @@ def test_cli_tag_dtype_and_outputs(runs, tmp_path):
         assert got[k].dtype == torch.bfloat16 and torch.equal(
             got[k], v.to(torch.bfloat16).reshape(got[k].shape)
         ), k
-    # A tag folder is accepted directly; an existing output needs --overwrite.
+    # A tag folder is accepted directly; an existing output needs --overwrite; --tag picks an older step.
     tool.convert(run / "checkpoints" / TAG, out, overwrite=True)
     assert load_model(out).state_dict()[next(iter(ref))].dtype == torch.float32
+    summary = tool.convert(run, tmp_path / "step1", tag="step_00000001")
+    assert summary["global_steps"] == 1
+    step1, step2 = load_model(tmp_path / "step1").state_dict(), load_model(out).state_dict()
+    assert any(not torch.equal(step1[k], step2[k]) for k in step1)
 
 
 def _error(argv, capsys) -> str:
@@ -150,6 +153,17 @@ def test_errors(runs, tmp_path, capsys):
     msg = _error([run, tmp_path / "o", "--student-config", tmp_path / "missing"], capsys)
     assert "no student architecture" in msg
     assert not (tmp_path / "o").exists()
+    # A save that broke off: files missing (marker present) or no marker beside marked tags.
+    ckpts = tmp_path / "ckpts"
+    shutil.copytree(run / "checkpoints", ckpts)
+    (ckpts / TAG / "mp_rank_00_model_states.pt").write_bytes(b"")
+    msg = _error([ckpts, tmp_path / "o", "--student-config", run / "pruned"], capsys)
+    assert "is incomplete" in msg
+    (ckpts / "step_00000001" / "mope_complete.json").unlink()
+    msg = _error(
+        [ckpts, tmp_path / "o", "--student-config", run / "pruned", "--tag", "step_00000001"], capsys
+    )
+    assert "has no mope_complete.json" in msg
 
 
 def test_cli_error_is_one_line(tmp_path):
@@ -165,47 +179,48 @@ def test_cli_error_is_one_line(tmp_path):
     assert lines == [f"convert_checkpoint: error: {tmp_path / 'nope'} is not a directory"]
 
 
-def _worker(out: Path) -> None:
-    """Train a tiny student 2 steps under each ZeRO stage, save a checkpoint and the live weights."""
-    import deepspeed
-    import torch.nn.functional as F
+class RandomLoader:
+    """The trainer's loader protocol over seeded random batches."""
 
+    def __init__(self, rank: int):
+        self.rank, self.epoch, self.start = rank, 0, 0
+
+    def __len__(self):
+        return 4
+
+    def set_epoch(self, epoch, start_step=0):
+        self.epoch, self.start = epoch, start_step
+
+    def __iter__(self):
+        from conftest import tiny_texts
+
+        for i in range(self.start, len(self)):
+            seed = 100 * self.epoch + 10 * i + self.rank
+            yield (
+                torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed)),
+                tiny_texts(4, seed),
+            )
+
+    def skipped(self):
+        return {}
+
+
+def _worker(out: Path) -> None:
+    """Two steps of the project's trainer per ZeRO stage (a checkpoint after each), then its own export."""
     from mope_dist import dist
+    from mope_dist.distill.trainer import TrainArgs, export_student, train
 
     info = dist.init_distributed(timeout_s=120, use_deepspeed=True)
-    student = tiny_student()
     for stage, precision in RUNS.items():
         run = out / f"stage{stage}"
+        student = tiny_student()
         if info.is_main:
             save_pretrained(student, run / "pruned")
-        model = copy.deepcopy(student).train()
-        # DeepSpeed 0.19.8 broadcasts every parameter as p.view(torch.uint8) (engine init; ZeRO-3
-        # partitioning), which fails on a 0-dim tensor: train the logit scale as shape [1].
-        model.logit_scale = torch.nn.Parameter(model.logit_scale.detach().reshape(1))
-        config = {
-            "train_micro_batch_size_per_gpu": 4,
-            "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": stage},
-            "bf16": {"enabled": precision == "bf16"},
-        }
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        g = torch.Generator().manual_seed(info.rank)
-        for _ in range(2):
-            images = torch.randn(4, 3, 32, 32, generator=g).to(dtype)
-            texts = torch.randint(1, 49406, (4, 16), generator=g)
-            img, txt, scale = engine(images, texts)
-            logits = scale * img.float() @ txt.float().T
-            loss = F.cross_entropy(logits, torch.arange(4)) + F.cross_entropy(logits.T, torch.arange(4))
-            engine.backward(loss)
-            engine.step()
-        engine.save_checkpoint(str(run / "checkpoints"), tag=TAG)
-        params = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
-            live = {k: v.detach().clone().contiguous() for k, v in engine.module.state_dict().items()}
-        if info.is_main:
-            save_file(live, run / "live.safetensors")
+        args = TrainArgs(
+            total_steps=2, micro_batch_size=4, lr=1e-2, zero_stage=stage, precision=precision, save_every=1
+        )
+        result = train(student.train(), None, RandomLoader(info.rank), args, run, info)
+        export_student(result.engine, run / "final")
         dist.barrier()
 
 

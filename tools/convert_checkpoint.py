@@ -4,7 +4,8 @@
 
 RUN_DIR is a run's output_dir (or its checkpoints/ folder, or one tag folder inside it). The student's
 architecture comes from RUN_DIR/pruned/config.json (override with --student-config); the weights from
-checkpoints/<tag>/ (default: the tag named in checkpoints/latest). No process group is started.
+checkpoints/<tag>/ (default: the tag named in checkpoints/latest). A tag the trainer did not mark
+complete (mope_complete.json: a save that broke off) is refused. No process group is started.
 
 ZeRO 1-3: DeepSpeed's own zero_to_fp32 merges the fp32 master partitions. Those optimizer shards hold
 DeepSpeed objects (loss scaler, ...) that only load with pickle, as DeepSpeed itself does: convert only
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mope_dist.distill.checkpoint import MARKER, is_complete
 from mope_dist.model import CLIPSpec, count_params, load_model, save_pretrained
 from mope_dist.model.clip import build_on_meta
 from mope_dist.model.io import read_config
@@ -49,21 +51,42 @@ def resolve_checkpoint(path: Path, tag: str | None) -> tuple[Path, Path, str]:
     if any(path.glob("*_model_states.pt")):  # a tag folder itself
         if tag is not None and tag != path.name:
             raise ConvertError(f"{path} is the checkpoint of tag {path.name!r}, but --tag {tag!r} was given")
-        return path.parent.parent, path, path.name
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    available = _tags(root)
-    if not available:
-        raise ConvertError(
-            f"{path} is not a DeepSpeed checkpoint directory (no <tag>/*_model_states.pt found)"
-        )
-    if tag is None:
-        latest = root / "latest"
-        if not latest.is_file():
-            raise ConvertError(f"no 'latest' file in {root}; pass --tag (available: {', '.join(available)})")
-        tag = latest.read_text().strip()
-    if tag not in available:
-        raise ConvertError(f"tag {tag!r} not found in {root} (available: {', '.join(available)})")
+        root, tag = path.parent, path.name
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        available = _tags(root)
+        if not available:
+            raise ConvertError(
+                f"{path} is not a DeepSpeed checkpoint directory (no <tag>/*_model_states.pt found)"
+            )
+        if tag is None:
+            latest = root / "latest"
+            if not latest.is_file():
+                raise ConvertError(
+                    f"no 'latest' file in {root}; pass --tag (available: {', '.join(available)})"
+                )
+            tag = latest.read_text().strip()
+        if tag not in available:
+            raise ConvertError(f"tag {tag!r} not found in {root} (available: {', '.join(available)})")
+    check_complete(root, tag)
     return root.parent, root / tag, tag
+
+
+def check_complete(root: Path, tag: str) -> None:
+    """The trainer marks a tag complete only after every rank saved; refuse a tag whose save broke off.
+    Checkpoints written by plain DeepSpeed carry no marker at all and are taken as they are."""
+    tag_dir = root / tag
+    if (tag_dir / MARKER).is_file():
+        if not is_complete(tag_dir):
+            raise ConvertError(
+                f"checkpoint {tag_dir} is incomplete: files listed in {MARKER} are missing or truncated"
+            )
+        return
+    complete = [t for t in _tags(root) if (root / t / MARKER).is_file()]
+    if complete:
+        raise ConvertError(
+            f"checkpoint {tag_dir} has no {MARKER}: its save did not finish (marked tags: {', '.join(complete)})"
+        )
 
 
 def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int | None, dict]:
