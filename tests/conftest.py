@@ -64,8 +64,8 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("logit_scale", "logit_bias")):
-                continue
+            if name.endswith(("logit_scale", "logit_bias", "token_embedding.weight")):
+                continue  # the (large) token table is already random
             scale = 0.5 if p.ndim == 1 else p.shape[-1] ** -0.5
             base = 1.0 if ("ln" in name and name.endswith("weight")) or name.endswith("gamma") else 0.0
             p.copy_(base + scale * torch.randn(p.shape, generator=g))
