@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_infer.py                       # ViT-B/32-like, width 512, CPU
     .venv/bin/python bench/bench_infer.py --layers 12 --threads 0 --batch 32
+    python bench/bench_infer.py --device cuda --bf16 --width 768 --patch 16 --layers 12 --batch 256
 
 1. open_clip CLIP (random weights) vs the same weights imported into PrunableCLIP: images/s, texts/s;
    goal ratio >= 0.95 (the own attention module must not cost speed).
@@ -15,6 +16,7 @@ slows both sides alike instead of biasing one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import open_clip
@@ -27,7 +29,9 @@ def build_open_clip(args) -> torch.nn.Module:
     torch.manual_seed(0)
     return open_clip.CLIP(
         embed_dim=512,
-        vision_cfg=dict(image_size=224, patch_size=32, width=args.width, layers=args.layers, head_width=64),
+        vision_cfg=dict(
+            image_size=224, patch_size=args.patch, width=args.width, layers=args.layers, head_width=64
+        ),
         text_cfg=dict(
             context_length=77, width=args.text_width, heads=args.text_width // 64, layers=args.layers
         ),
@@ -48,16 +52,19 @@ def half_keep(model) -> KeepSpec:
     return KeepSpec(vision=tower(model.visual), text=tower(model.text))
 
 
-def throughput(fns: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+def throughput(fns: dict, x: torch.Tensor, repeats: int, amp) -> dict[str, float]:
     """Items/s per function, best of `repeats` interleaved rounds."""
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None
     best = dict.fromkeys(fns, float("inf"))
-    with torch.inference_mode():
+    with torch.inference_mode(), amp():
         for fn in fns.values():  # warm-up
             fn(x)
         for _ in range(repeats):
             for name, fn in fns.items():
+                sync()
                 t0 = time.perf_counter()
                 fn(x)
+                sync()
                 best[name] = min(best[name], time.perf_counter() - t0)
     return {name: x.shape[0] / t for name, t in best.items()}
 
@@ -67,6 +74,9 @@ def main():
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--text-width", type=int, default=384)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--patch", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
@@ -77,11 +87,16 @@ def main():
     oc = build_open_clip(args)
     model = from_open_clip(oc)
     pruned = slice_model(model, half_keep(model))
+    oc, model, pruned = (m.to(args.device) for m in (oc, model, pruned))
+    amp = (lambda: torch.autocast(args.device, torch.bfloat16)) if args.bf16 else contextlib.nullcontext
     print(format_counts_table(model, pruned, names=("unpruned", "pruned")))
-    print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, best of {args.repeats}\n")
+    print(
+        f"{args.device}, torch threads {torch.get_num_threads()}, batch {args.batch}, best of {args.repeats}\n"
+    )
 
-    images = torch.randn(args.batch, 3, 224, 224)
+    images = torch.randn(args.batch, 3, 224, 224, device=args.device)
     texts = open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat sitting on a red chair"] * args.batch)
+    texts = texts.to(args.device)
     with torch.inference_mode():  # same function before timing it
         assert torch.allclose(oc.encode_image(images), model.encode_image(images), atol=1e-4)
 
@@ -89,11 +104,13 @@ def main():
         {"open_clip": oc.encode_image, "ours": model.encode_image, "pruned": pruned.encode_image},
         images,
         args.repeats,
+        amp,
     )
     txt = throughput(
         {"open_clip": oc.encode_text, "ours": model.encode_text, "pruned": pruned.encode_text},
         texts,
         args.repeats,
+        amp,
     )
     f_full, f_pruned = count_flops(model), count_flops(pruned)
     print(

@@ -168,3 +168,39 @@ def test_keepspec_roundtrip_and_validation(model):
     ):
         with pytest.raises(ValueError):
             slice_model(model, KeepSpec(vision=bad))
+
+
+def test_grad_checkpointing_gives_same_gradients(model, inputs):
+    def grads(enable):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        img, txt, scale = model(inputs["vision"], inputs["text"])
+        (img @ txt.T * scale).logsumexp(0).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    try:
+        ref, got = grads(False), grads(True)
+    finally:
+        model.set_grad_checkpointing(False)
+        model.zero_grad()
+    assert ref.keys() == got.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], atol=1e-5, rtol=1e-4)
+
+
+def test_masked_padding_text_tower_under_bf16_autocast():
+    """Scoring runs masked candidates under autocast: the padding mask must not clash with bf16 q/k/v."""
+    import open_clip
+    from conftest import randomize_, tiny_open_clip_cfg
+
+    cfg = tiny_open_clip_cfg()
+    cfg["text_cfg"]["embed_cls"] = True
+    m = from_open_clip(randomize_(open_clip.CustomTextCLIP(**cfg)).eval())
+    texts = tiny_texts(2)
+    masks = TowerMasks(head=[torch.tensor([[1.0, 0, 1, 1], [1, 1, 1, 1]]), None])
+    with torch.no_grad():
+        ref = m.text(texts, masks=masks)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m.text(texts, masks=masks)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.float(), ref, atol=0.1 * ref.abs().max().item(), rtol=0)

@@ -93,7 +93,7 @@ class Attention(nn.Module):
         is_causal: bool = False,
         head_mask: Tensor | None = None,
     ) -> Tensor:
-        B, T, W = x.shape
+        B, T, _ = x.shape
         if self.num_heads == 0:  # every head removed: the branch is its output bias
             return torch.zeros_like(x) + self.out_proj.bias.to(x.dtype)
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -293,7 +293,8 @@ class TextTower(Tower):
         return x + self.positional_embedding[: x.shape[1]].to(x.dtype)
 
     def _attn_args(self, x: Tensor, inputs: Tensor | None) -> tuple[Tensor | None, bool]:
-        """Causal via SDPA's is_causal; with a padding mask, one additive mask per row [B, 1, T, T]."""
+        """Causal via SDPA's is_causal; with a padding mask, a boolean keep-mask per row [B, 1, T, T]
+        (boolean, so it also works when autocast runs attention in a lower precision than x)."""
         spec = self.spec
         if not (spec.pad_mask or spec.embed_cls):
             return None, spec.causal
@@ -306,10 +307,9 @@ class TextTower(Tower):
             ones = valid.new_ones(valid.shape[0], 1)
             valid = torch.cat([valid, ones] if spec.correct_cls_mask else [ones, valid], dim=1)
         T = x.shape[1]
-        mask = torch.zeros(valid.shape[0], 1, T, T, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        mask = valid[:, None, None, :].expand(-1, 1, T, -1)
         if spec.causal:
-            mask = mask + torch.full((T, T), float("-inf"), dtype=x.dtype, device=x.device).triu_(1)
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         return mask, False
 
     def head(self, x: Tensor, text: Tensor) -> Tensor:
