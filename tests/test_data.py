@@ -4,6 +4,7 @@ turns captions back into ids, so every check compares against a plain list of wh
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -26,6 +27,7 @@ from mope_dist.data import (
     make_labelled_loader,
     shard_sizes,
 )
+from mope_dist.data.shards import ShardError, iter_shard_samples, iter_tar_files
 from mope_dist.data.synthetic import (
     CLASSNAMES,
     write_image_text_shards,
@@ -106,6 +108,50 @@ def test_shard_sizes_from_sizes_json_and_stats(tmp_path):
         None,
         None,
     ]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    """Our lean reader vs the standard library on long names, directories, links, empty and odd sizes."""
+    path = tmp_path / "t.tar"
+    files = {"a.jpg": b"x" * 513, "a.txt": b"", "d/" + "n" * 120 + ".txt": b"long", "ü.json": b"{}"}
+    if fmt == tarfile.USTAR_FORMAT:
+        files.pop("d/" + "n" * 120 + ".txt")
+        files["p" * 90 + "/" + "q" * 90 + ".txt"] = b"prefix field"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        info = tarfile.TarInfo("dir")
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("link")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    with open(path, "rb") as f:
+        assert list(iter_tar_files(f)) == expected == list(files.items())
+    with open(path, "rb") as f:
+        (tmp_path / "t.tar.gz").write_bytes(gzip.compress(f.read()))
+    assert [s["__key__"] for s in iter_shard_samples(str(tmp_path / "t.tar.gz"))][:1] == ["a"]
+
+
+def test_truncated_tar_detected_at_every_cut(tmp_path):
+    """tarfile treats a tar cut at a header boundary as complete; every cut must count as truncated."""
+    write_tar(tmp_path / "full.tar", id_records(0, 4))
+    data = (tmp_path / "full.tar").read_bytes()
+    end = len(data.rstrip(b"\0")) + (-len(data.rstrip(b"\0"))) % 512  # where the end-of-archive blocks start
+    for cut in [0, 100, 512, 700, 1024, 2048, 2050, end - 512, end, end + 100]:
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        got = []
+        with pytest.raises(ShardError) as err:
+            got.extend(s["__key__"] for s in iter_shard_samples(str(tmp_path / "cut.tar"), retry_delay=0.0))
+        assert err.value.reason == ("truncated_shard" if got else "unreadable_shard"), cut
+        assert got == [f"{i:06d}" for i in range(len(got))]
+    (tmp_path / "cut.tar").write_bytes(data[: end + 512])  # one end block is enough
+    assert len(list(iter_shard_samples(str(tmp_path / "cut.tar")))) == 4
 
 
 # ---- image-text loader -------------------------------------------------------------------------------

@@ -15,12 +15,12 @@ so with all weights 1 every shard is equally likely. fsspec's own `::` URL chain
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
 import re
 import subprocess
-import tarfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -111,17 +111,72 @@ def open_shard(url: str):
     return fsspec.open(url, "rb").open()
 
 
-class _EndAwareTarInfo(tarfile.TarInfo):
-    """Notes on the TarFile when the end-of-archive block was read: tarfile silently treats a missing,
-    partial or garbled final header as the end, which would hide a truncated shard."""
+class TarFormatError(OSError):
+    """The bytes are not (or no longer) a valid tar stream."""
 
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.EOFHeaderError:
-            tar.clean_end = True
-            raise
+
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+_FILE_TYPES = (b"0", b"\0", b"7")
+
+
+def _read_exact(stream, n: int) -> bytes:
+    data = stream.read(n)
+    while len(data) < n:  # raw streams may return short reads before EOF
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256 for large values
+        return int.from_bytes(field[1:], "big")
+    return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+
+
+def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
+    """Yield (name, data) of the regular files of a ustar/GNU/PAX tar stream, in order.
+
+    A lean reader instead of `tarfile`: several times faster per member (which shows on small images),
+    and strict where tarfile is lenient: a missing, partial or corrupt header before the end-of-archive
+    block raises TarFormatError instead of silently ending the archive (a truncated shard).
+    """
+    long_name = None
+    while True:
+        header = _read_exact(stream, _BLOCK)
+        if header == _ZERO_BLOCK:
+            return
+        if len(header) < _BLOCK:
+            raise TarFormatError("archive ends before its end-of-archive block")
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise TarFormatError("bad tar header checksum")
+        size, kind = _octal(header[124:136]), header[156:157]
+        data = _read_exact(stream, size)
+        if len(data) < size:
+            raise TarFormatError("unexpected end of data")
+        if size % _BLOCK:
+            stream.read(_BLOCK - size % _BLOCK)  # padding; a short one surfaces at the next header
+        if kind == b"L":  # GNU long name for the next member
+            long_name = data.rstrip(b"\0")
+        elif kind == b"x":  # PAX extended header: 'LEN path=NAME\n' records
+            for record in data.split(b"\n"):
+                _, _, kv = record.partition(b" ")
+                if kv.startswith(b"path="):
+                    long_name = kv[len(b"path=") :]
+        elif kind == b"g":
+            pass
+        else:
+            name = header[:100].split(b"\0", 1)[0]
+            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+            if long_name is not None:
+                name = long_name
+            elif prefix:
+                name = prefix + b"/" + name
+            long_name = None
+            if kind in _FILE_TYPES:
+                yield name.decode("utf-8", "surrogateescape"), data
 
 
 class ShardError(Exception):
@@ -144,27 +199,20 @@ def iter_shard_samples(url: str, retries: int = 3, retry_delay: float = 1.0) -> 
         current: dict | None = None
         started = False
         try:
-            with (
-                open_shard(url) as stream,
-                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndAwareTarInfo) as tar,
-            ):
-                for member in tar:
+            with open_shard(url) as raw:
+                stream = gzip.GzipFile(fileobj=raw) if url.endswith((".gz", ".tgz")) else raw
+                for name, data in iter_tar_files(stream):
                     started = True
-                    if not member.isfile():
-                        continue
-                    match = _KEY_RE.match(member.name)
+                    match = _KEY_RE.match(name)
                     if not match:
                         continue
                     key, ext = match.group(1), match.group(2).lower()
-                    data = tar.extractfile(member).read()
                     if current is not None and current["__key__"] != key:
                         yield current
                         current = None
                     if current is None:
                         current = {"__key__": key, "__url__": url}
                     current[ext] = data
-                if not getattr(tar, "clean_end", False):
-                    raise tarfile.ReadError("archive ends without its end-of-archive block")
             if current is not None:
                 yield current
             return
