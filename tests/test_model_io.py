@@ -100,3 +100,12 @@ def test_load_rejects_foreign_dirs(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="not a mope-dist"):
         load_model(tmp_path)
+
+
+def test_load_teacher_accepts_a_model_dir(pruned, tmp_path):
+    """A pruned student can be the next stage's teacher."""
+    from mope_dist.model import load_teacher
+
+    save_pretrained(pruned, tmp_path / "m")
+    model, _, pre_val, tok = load_teacher(str(tmp_path / "m"))
+    assert model.spec == pruned.spec and tok.context_length == 16 and callable(pre_val)
