@@ -34,7 +34,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mope_dist import dist
-from mope_dist.data.shards import ShardError, expand_shards, is_local, iter_shard_samples, shard_sizes
+from mope_dist.data.shards import (
+    ShardError,
+    check_protocols,
+    expand_shards,
+    is_local,
+    iter_shard_samples,
+    shard_sizes,
+)
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
@@ -237,6 +244,7 @@ class ImageTextLoader:
         world_size = dist.get_world_size() if world_size is None else world_size
         sources = expand_shards(shards)
         urls = [u for urls, _ in sources for u in urls]
+        check_protocols(urls)
         local = [u for u in urls if is_local(u)]
         if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
             raise FileNotFoundError(f"no shard of {shards!r} exists (first: {urls[0]})")

@@ -26,7 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from mope_dist import dist
 from mope_dist.data.image_text import IMAGE_EXTS, SkipCounters, decode_image
-from mope_dist.data.shards import ShardError, expand_shards, iter_shard_samples
+from mope_dist.data.shards import ShardError, check_protocols, expand_shards, iter_shard_samples
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
@@ -163,22 +163,23 @@ class LabelledLoader:
 
 def _index_shards(source, counters: SkipCounters, retries: int, delay: float) -> list[tuple[str, str, int]]:
     entries = []
-    for urls, _ in expand_shards(source):
-        for url in urls:
-            try:
-                for sample in iter_shard_samples(url, retries, delay):
-                    if not any(e in sample for e in IMAGE_EXTS):
-                        counters.add("missing_image")
-                        continue
-                    try:
-                        label = int(sample["cls"].decode().strip())
-                    except (KeyError, ValueError, UnicodeDecodeError):
-                        counters.add("missing_label")
-                        continue
-                    entries.append((url, sample["__key__"], label))
-            except ShardError as exc:
-                counters.add(exc.reason)
-                log.error("labelled set: %s", exc)
+    urls = [u for urls, _ in expand_shards(source) for u in urls]
+    check_protocols(urls)
+    for url in urls:
+        try:
+            for sample in iter_shard_samples(url, retries, delay):
+                if not any(e in sample for e in IMAGE_EXTS):
+                    counters.add("missing_image")
+                    continue
+                try:
+                    label = int(sample["cls"].decode().strip())
+                except (KeyError, ValueError, UnicodeDecodeError):
+                    counters.add("missing_label")
+                    continue
+                entries.append((url, sample["__key__"], label))
+        except ShardError as exc:
+            counters.add(exc.reason)
+            log.error("labelled set: %s", exc)
     return entries
 
 

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from mope_dist.data.image_text import IMAGE_EXTS, decode_image
-from mope_dist.data.shards import ShardError, expand_shards, iter_shard_samples
+from mope_dist.data.shards import ShardError, check_protocols, expand_shards, iter_shard_samples
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
@@ -52,6 +52,7 @@ def load_retrieval_set(
     images, texts, owner = [], [], []
     skipped = {"missing_image": 0, "missing_caption": 0, "bad_image": 0, "bad_shard": 0}
     urls = [u for urls, _ in expand_shards(shards) for u in urls]
+    check_protocols(urls)
     for url in urls:
         if max_images is not None and len(images) >= max_images:
             break

@@ -70,12 +70,24 @@ def is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
+def check_protocols(urls: Sequence[str]) -> None:
+    """Fail early and clearly when an fsspec backend (s3fs, gcsfs, ...) is missing, instead of once per shard."""
+    for protocol in sorted(
+        {u.split("://", 1)[0] for u in urls if not is_local(u) and not u.startswith("pipe:")}
+    ):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except (ImportError, ValueError) as exc:
+            raise ValueError(f"cannot open {protocol}:// shards: {exc}") from exc
+
+
 class _PipeStream(io.RawIOBase):
-    """stdout of a `pipe:` command as a binary stream; a non-zero exit status surfaces as OSError."""
+    """stdout of a `pipe:` command as a binary stream; a non-zero exit status surfaces as OSError.
+    The command's stderr goes to ours (a captured one could fill up and block, e.g. curl's progress)."""
 
     def __init__(self, command: str):
         self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
 
     def readable(self) -> bool:
         return True
@@ -89,8 +101,7 @@ class _PipeStream(io.RawIOBase):
     def _check(self) -> None:
         rc = self.proc.wait()
         if rc != 0:
-            err = self.proc.stderr.read().decode(errors="replace").strip()[-500:]
-            raise OSError(f"pipe command exited with status {rc}: {self.command!r} {err}")
+            raise OSError(f"pipe command exited with status {rc}: {self.command!r}")
 
     def close(self) -> None:
         if not self.closed:
@@ -98,7 +109,6 @@ class _PipeStream(io.RawIOBase):
                 self.proc.kill()
             self.proc.wait()
             self.proc.stdout.close()
-            self.proc.stderr.close()
         super().close()
 
 
