@@ -25,4 +25,4 @@ test: lint
 	$(VENV)/bin/pytest -q tests
 
 demo: $(STAMP)
-	@echo "make demo: not yet implemented"
+	$(PY) tools/demo.py
