@@ -21,6 +21,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from mope_dist.data import (
     ImageTextLoader,
     expand_shards,
+    image_text,
     load_classnames,
     load_retrieval_set,
     load_templates,
@@ -305,6 +306,14 @@ def test_corrupt_input_skipped_and_counted(tmp_path):
     ids, n = collect(loader)
     assert n == loader.num_batches == 30 and set(ids) <= set(range(34))
     assert all(loader.skipped()[k] >= v for k, v in expected.items())
+
+
+def test_only_bad_samples_is_an_error_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(image_text, "_MAX_BAD_IN_A_ROW", 50)
+    write_tar(tmp_path / "bad.tar", [(f"{i}", {"jpg": b"junk", "txt": b"sample 1"}) for i in range(4)])
+    loader = ImageTextLoader(str(tmp_path / "bad.tar"), pil_to_tensor, id_tokenizer, 2, samples_per_epoch=4)
+    with pytest.raises(RuntimeError, match="50 unusable samples in a row"):
+        collect(loader)
 
 
 def test_open_clip_transform_and_tokenizer(tmp_path):

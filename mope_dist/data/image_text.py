@@ -55,7 +55,8 @@ SKIP_REASONS = (
     "truncated_shard",
     "unreadable_shard",
 )
-_MAX_EMPTY_DRAWS = 64  # resampled: this many consecutive shards without a usable sample is an error
+_MAX_EMPTY_DRAWS = 64  # resampled: this many consecutive shards without a sample is an error
+_MAX_BAD_IN_A_ROW = 10_000  # this many consecutive unusable samples is an error, not an endless loop
 
 
 class SkipCounters:
@@ -145,10 +146,11 @@ class _ImageTextStream(IterableDataset):
                 if not got:
                     break
             log.error(
-                "no readable sample in shards %s (rank %d worker %d); drawing from all shards",
-                mine,
+                "rank %d worker %d: no readable sample in its %d shards (first %s); drawing from all shards",
                 rank,
                 worker,
+                len(mine),
+                mine[0],
             )
         urls = [u for urls, _ in p["sources"] for u in urls]
         cum_weights = list(itertools.accumulate(w for urls, w in p["sources"] for _ in urls))
@@ -194,16 +196,20 @@ class _ImageTextStream(IterableDataset):
         samples = self._raw_samples(worker, num_workers, epoch, start_step)
         fast_forward = done * bs if p["mode"] == "finite" else 0  # samples the interrupted run consumed
         for _ in range(fast_forward):
-            while self._prepare(next(samples), transform=False, count=False) is None:
-                pass
+            self._next_usable(samples, transform=False, count=False)
         for _ in range(quota):
-            images, texts = [], []
-            while len(images) < bs:
-                item = self._prepare(next(samples))
-                if item is not None:
-                    images.append(item[0])
-                    texts.append(item[1])
-            yield torch.stack(images), p["tokenizer"](texts)
+            items = [self._next_usable(samples) for _ in range(bs)]
+            yield torch.stack([image for image, _ in items]), p["tokenizer"]([text for _, text in items])
+
+    def _next_usable(self, samples: Iterator[dict], **kw):
+        for _ in range(_MAX_BAD_IN_A_ROW):
+            item = self._prepare(next(samples), **kw)
+            if item is not None:
+                return item
+        raise RuntimeError(
+            f"{_MAX_BAD_IN_A_ROW} unusable samples in a row (skipped so far: {self.counters.as_dict()}); "
+            "check the shards' image/caption fields and decoders"
+        )
 
 
 class ImageTextLoader:
