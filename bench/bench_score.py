@@ -66,13 +66,20 @@ def make_proxy(kind: str, model, n_images: int, classes: int, templates: int, se
         n_txt = 2 * n_images
         return RetrievalProxy(images, random_tokens(n_txt, g), torch.arange(n_txt) % n_images)
     class_texts = random_tokens(classes * templates, g).view(classes, templates, -1)
+    device = model.logit_scale.device
     with torch.no_grad():
-        text = model.encode_text(class_texts.view(classes * templates, -1), normalize=True)
+        text = model.encode_text(class_texts.view(classes * templates, -1).to(device), normalize=True)
         clf = F.normalize(text.view(classes, templates, -1).mean(1), dim=-1)
-        pred = (model.encode_image(images, normalize=True) @ clf.T).argmax(1)
+        pred = (model.encode_image(images.to(device), normalize=True) @ clf.T).argmax(1).cpu()
     labels = torch.randint(classes, (n_images,), generator=g)
     labels[::2] = pred[::2]  # accuracy well above chance, so removals move the counts
     return ClassificationProxy(images, labels, class_texts)
+
+
+def rank_correlation(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a).argsort().argsort().double()
+    rb = torch.tensor(b).argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def main() -> None:
@@ -88,39 +95,48 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--candidates-per-forward", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="also time the engine under bf16 autocast (GPU)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
 
-    model = tiny_clip(args.layers, args.width, args.head_width)
+    model = tiny_clip(args.layers, args.width, args.head_width).to(device)
     units = enumerate_units(model, neuron_groups=args.neuron_groups)
     kinds = ["classification", "retrieval"] if args.proxy == "both" else [args.proxy]
     print(
         f"model: {args.layers} layers x 2 towers, width {args.width}, {len(units)} candidates "
-        f"(heads, {args.neuron_groups} neuron groups/layer, layers); {args.threads} thread(s)"
+        f"(heads, {args.neuron_groups} neuron groups/layer, layers); {args.device}, {args.threads} thread(s)"
     )
     for kind in kinds:
         proxy = make_proxy(kind, model, args.images, args.classes, args.templates)
         t0 = time.perf_counter()
-        ref = score_mope_naive(model, units, proxy, batch_size=args.batch_size)
+        ref = score_mope_naive(model, units, proxy, device, batch_size=args.batch_size)
         t_naive = time.perf_counter() - t0
         t0 = time.perf_counter()
-        got = score_mope(
-            model,
-            units,
-            proxy,
-            batch_size=args.batch_size,
-            candidates_per_forward=args.candidates_per_forward,
-            progress=False,
+        kw = dict(
+            batch_size=args.batch_size, candidates_per_forward=args.candidates_per_forward, progress=False
         )
+        got = score_mope(model, units, proxy, device, autocast=False, **kw)
         t_engine = time.perf_counter() - t0
-        assert got.counts == ref.counts and got.base_counts == ref.base_counts, (
-            "engine and reference disagree"
-        )
+        differ = sum(a != b for a, b in zip(got.counts, ref.counts, strict=True))
+        differ += got.base_counts != ref.base_counts
         print(
             f"{kind:>14}: naive {t_naive:7.2f}s ({len(units) / t_naive:6.1f} cand/s) | "
             f"engine {t_engine:6.2f}s ({len(units) / t_engine:6.1f} cand/s) | "
-            f"speed-up {t_naive / t_engine:5.1f}x | identical counts: yes (base Z {got.base_z:.3f})"
+            f"speed-up {t_naive / t_engine:5.1f}x | units whose counts differ: {differ} (base Z {got.base_z:.3f})"
         )
+        assert differ == 0, "engine and naive reference disagree"
+        if args.bf16:
+            t0 = time.perf_counter()
+            fast = score_mope(model, units, proxy, device, autocast=True, **kw)
+            t_bf16 = time.perf_counter() - t0
+            same = sum(a == b for a, b in zip(fast.counts, got.counts, strict=True))
+            print(
+                f"{'':>14}  engine bf16 {t_bf16:6.2f}s ({len(units) / t_bf16:6.1f} cand/s) | speed-up vs naive fp32 "
+                f"{t_naive / t_bf16:5.1f}x | counts equal to fp32 for {same}/{len(units)} units, "
+                f"score rank correlation {rank_correlation(fast.scores, got.scores):.3f}"
+            )
 
 
 if __name__ == "__main__":

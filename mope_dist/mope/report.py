@@ -23,6 +23,7 @@ from mope_dist.mope.units import KINDS, TOWERS, Unit
 from mope_dist.utils import atomic_write_bytes, atomic_write_json
 
 FORMAT = "mope-dist-scores"
+_TITLES = {"head": "heads", "neurons": "neuron groups", "layer": "layers"}
 VERSION = 1
 
 
@@ -114,20 +115,31 @@ def make_figures(result: ScoreResult) -> dict:
             grid = _grid(result, tower, kind)
             if grid is None:
                 continue
-            title = f"{result.method} scores: {tower} {'layers' if kind == 'layer' else kind}"
+            title = f"{result.method} scores: {tower} {_TITLES[kind]}"
+            layers = np.arange(grid.shape[0])
             if kind == "layer":
                 fig, ax = plt.subplots(figsize=(max(4, 0.5 * grid.shape[0] + 2), 3))
-                ax.bar(np.arange(grid.shape[0]), np.nan_to_num(grid[:, 0]))
+                ax.bar(layers, np.nan_to_num(grid[:, 0]))
+                ax.axhline(0, color="black", linewidth=0.5)
+                ax.set_xticks(layers)
                 ax.set_xlabel("layer")
                 ax.set_ylabel("score")
             else:
-                fig, ax = plt.subplots(
-                    figsize=(max(4, 0.35 * grid.shape[1] + 2), max(3, 0.3 * grid.shape[0] + 1.5))
-                )
+                size = (max(4, 0.35 * grid.shape[1] + 2), max(3, 0.3 * grid.shape[0] + 1.5))
+                fig, ax = plt.subplots(figsize=size)
+                lo, hi = np.nanmin(grid), np.nanmax(grid)
+                # MoPE is negative where a removal helps Z: then a diverging map centred on 0
+                norm = matplotlib.colors.TwoSlopeNorm(0.0, lo, hi) if lo < 0 < hi else None
                 image = ax.imshow(
-                    np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", interpolation="nearest"
+                    np.ma.masked_invalid(grid),
+                    aspect="auto",
+                    cmap="viridis" if norm is None else "RdBu_r",
+                    norm=norm,
+                    interpolation="nearest",
                 )
                 fig.colorbar(image, ax=ax, label="score")
+                ax.set_xticks(np.arange(grid.shape[1]))
+                ax.set_yticks(layers)
                 ax.set_xlabel("head" if kind == "head" else "neuron group (0 = largest magnitude)")
                 ax.set_ylabel("layer")
             ax.set_title(title)
