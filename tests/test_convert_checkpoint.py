@@ -95,6 +95,15 @@ def test_matches_deepspeed(runs, tmp_path, stage):
     assert config["provenance"]["converted_from"]["zero_stage"] == stage
 
 
+def test_eval_in_training_equals_converted(runs, tmp_path):
+    """Zero-shot eval of the ZeRO-3 student on 2 ranks inside training == the converted model alone."""
+    tool.convert(runs / "stage3", tmp_path / "student")
+    alone = zeroshot(load_model(tmp_path / "student"))
+    during = json.loads((runs / "stage3" / "eval.json").read_text())
+    assert alone["n"] == during["n"] == 13
+    assert (alone["top1"], alone["top5"]) == (during["top1"], during["top5"])
+
+
 def test_cli_tag_dtype_and_outputs(runs, tmp_path):
     run = runs / "stage0"
     out = tmp_path / "bf16"
@@ -205,6 +214,20 @@ class RandomLoader:
         return {}
 
 
+def zeroshot(model, rank: int = 0, world: int = 1) -> dict:
+    """Zero-shot eval on 13 fixed random images, this rank's strided part (as the labelled loader splits)."""
+    from mope_dist.eval import build_classifier, evaluate_zeroshot
+    from mope_dist.model import get_tokenizer
+
+    g = torch.Generator().manual_seed(5)
+    images, labels = torch.randn(13, 3, 32, 32, generator=g), torch.randint(5, (13,), generator=g)
+    names = ["red circle", "blue square", "green cross", "cat", "dog"]
+    classifier = build_classifier(model, names, ["a photo of a {}.", "{}"], get_tokenizer(model), "cpu")
+    images, labels = images[rank::world], labels[rank::world]
+    batches = [(images[i : i + 3], labels[i : i + 3]) for i in range(0, len(labels), 3)]
+    return evaluate_zeroshot(model, batches, classifier, "cpu", progress=False)
+
+
 def _worker(out: Path) -> None:
     """Two steps of the project's trainer per ZeRO stage (a checkpoint after each), then its own export."""
     from mope_dist import dist
@@ -219,8 +242,11 @@ def _worker(out: Path) -> None:
         args = TrainArgs(
             total_steps=2, micro_batch_size=4, lr=1e-2, zero_stage=stage, precision=precision, save_every=1
         )
-        result = train(student.train(), None, RandomLoader(info.rank), args, run, info)
+        evaluate = (lambda m: zeroshot(m, info.rank, info.world_size)) if stage == 3 else None
+        result = train(student.train(), None, RandomLoader(info.rank), args, run, info, evaluate=evaluate)
         export_student(result.engine, run / "final")
+        if info.is_main:
+            (run / "eval.json").write_text(json.dumps(result.eval))
         dist.barrier()
 
 

@@ -20,7 +20,7 @@ from mope_dist.eval import build_classifier, evaluate_retrieval, evaluate_zerosh
 
 CLASSNAMES = ["cat", "dog", "car", "tree", "boat", "house", "bird"]
 TEMPLATES = ["a photo of a {}.", "a drawing of the {}."]
-N_IMAGES = 23  # not divisible by 2 (the world size of the distributed test)
+N_IMAGES = 25  # not divisible by 2 (the world size of the distributed test): 13 + 12 images, 4 + 3 batches
 CTX = 16
 
 
@@ -155,8 +155,9 @@ def test_two_ranks_equal_one(tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     zs1, ret1 = run_eval(model, 0, 1)
-    for rank in range(2):
-        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert results[0]["forwards"] == results[1]["forwards"]
+    for rank, got in enumerate(results):
         for key in ("top1", "top5", "n"):
             assert got["zeroshot"][key] == zs1[key], (rank, key)
         for key, value in ret1.items():
@@ -170,8 +171,12 @@ def _worker(out_dir: Path):
     info = dist.init_distributed(timeout_s=60)
     model = tiny_clip()
     model.load_state_dict(load_file(out_dir / "model.safetensors"))
+    forwards = {"image": 0, "text": 0}  # ZeRO-3 needs the same forwards on every rank
+    model.visual.register_forward_pre_hook(lambda *_: forwards.__setitem__("image", forwards["image"] + 1))
+    model.transformer.register_forward_pre_hook(lambda *_: forwards.__setitem__("text", forwards["text"] + 1))
     zs, ret = run_eval(model, info.rank, info.world_size)
-    (out_dir / f"rank{info.rank}.json").write_text(json.dumps({"zeroshot": zs, "retrieval": ret}))
+    result = {"zeroshot": zs, "retrieval": ret, "forwards": forwards}
+    (out_dir / f"rank{info.rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_zeroshot_matches_open_clip(setup, tmp_path, capsys):
     ref = reference_zeroshot(root, oc)
     assert ref["n"] == 47 and ref["top5"] > 0
     ref48 = reference_zeroshot(root, oc, "val48")
-    common = ["--batch-size", "8", "--workers", "0"]
+    common = ["--batch-size", "8", "--workers", "0", "--local_rank=0"]  # as the deepspeed launcher adds
     runs = {
         "dir": ["--model", root / "student", "--data", root / "val", "--output", tmp_path / "r.json"],
         "open_clip": ["--model", f"local-dir:{root / 'oc'}", "--data", root / "val"],

@@ -49,6 +49,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--batch-size", type=int, default=256)
     g.add_argument("--output", type=Path, help="also write the JSON result to this file (atomically)")
+    # the `deepspeed` launcher passes --local_rank unless told --no_local_rank; the env var is what counts
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
 
 def check_model_args(args: argparse.Namespace) -> None:

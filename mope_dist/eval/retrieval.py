@@ -20,22 +20,28 @@ from mope_dist.eval.zeroshot import autocast_context, eval_mode, model_dtype
 def _encode_all(
     encode, inputs: torch.Tensor, batch_size: int, device: torch.device, dtype, autocast
 ) -> torch.Tensor:
-    """Encode `inputs` split across ranks; returns the normalized fp32 embeddings of all rows on every rank."""
+    """Encode `inputs` split across ranks; returns the normalized fp32 embeddings of all rows on every rank.
+
+    Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in each): a
+    rank whose slice is shorter, or empty when there are fewer rows than ranks, encodes row 0 and
+    discards it."""
     n = inputs.shape[0]
     rank, world = dist.get_rank(), dist.get_world_size()
     lo, hi = n * rank // world, n * (rank + 1) // world
-    # A rank with an empty slice (n < world) still encodes one row: it needs the width to join the reduce.
-    starts = range(lo, hi, batch_size) if hi > lo else [0]
+    longest = -(-n // world)  # ceil: slices differ by at most one row
+    steps = -(-longest // batch_size)
     out = None
-    for i in starts:
-        batch = inputs[i : max(min(i + batch_size, hi), i + 1)].to(device=device, non_blocking=True)
+    for step in range(steps):
+        i = lo + step * batch_size
+        batch = inputs[i : min(i + batch_size, hi)] if i < hi else inputs[:1]
+        batch = batch.to(device=device, non_blocking=True)
         if batch.is_floating_point():
             batch = batch.to(dtype)
         with autocast_context(device, autocast):
             feats = encode(batch, normalize=True).float()
         if out is None:
             out = torch.zeros(n, feats.shape[-1], dtype=torch.float32, device=device)
-        if hi > lo:
+        if i < hi:
             out[i : i + feats.shape[0]] = feats
     return F.normalize(dist.all_reduce_sum(out), dim=-1)
 
@@ -75,7 +81,7 @@ def evaluate_retrieval(
     if text_to_image.min() < 0 or text_to_image.max() >= images.shape[0]:
         raise ValueError(f"text_to_image indices must lie in [0, {images.shape[0]})")
     start = time.perf_counter()
-    with eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.no_grad():
         img = _encode_all(model.encode_image, images, batch_size, device, model_dtype(model), autocast)
         txt = _encode_all(model.encode_text, texts, batch_size, device, None, autocast)
     sim = img @ txt.T  # [N_img, N_txt]

@@ -2,14 +2,16 @@
 
 Works on any model with open_clip's `encode_image` / `encode_text(normalize=...)` (an open_clip CLIP, a
 PrunableCLIP, a DeepSpeed engine wrapping one). Called alone by tools/eval_zeroshot.py and periodically
-inside training, so these are plain functions that restore the model's train/eval mode.
+inside training, so these are plain functions that restore the model's train/eval mode. They use
+no_grad, not inference_mode: ZeRO-3 fetches parameters during the forward, and inference tensors
+written into them would break its later in-place updates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import open_clip
 import torch
@@ -65,7 +67,7 @@ def build_classifier(
     if len(templates) == 0:
         raise ValueError("no templates given")
     device = torch.device(device)
-    with eval_mode(model), torch.inference_mode(), autocast_context(device, autocast):
+    with eval_mode(model), torch.no_grad(), autocast_context(device, autocast):
         weights = open_clip.build_zero_shot_classifier(
             model,
             tokenizer=tokenizer,
@@ -87,6 +89,24 @@ def topk_correct(
     return [hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
 
 
+def lockstep(loader: Iterable, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Yield (images, labels) until every rank's part is used up; a rank that runs out first gets
+    one-image zero batches with labels None meanwhile. Every rank thus runs the same forwards, which
+    ZeRO-3 needs (its forward gathers parameters collectively) and the labelled loader's parts, which
+    may differ by a batch, do not give. One 4-number all-reduce per batch; a plain loop in one process."""
+    if dist.get_world_size() == 1:
+        yield from loader
+        return
+    it = iter(loader)
+    while True:
+        batch = next(it, None)
+        shape = [1, *batch[0].shape[1:]] if batch is not None else [0, 0, 0, 0]
+        live = dist.all_reduce_sum(torch.tensor(shape, dtype=torch.int64, device=device))
+        if live[0] == 0:
+            return
+        yield batch if batch is not None else (torch.zeros(1, *(live[1:] // live[0]).tolist()), None)
+
+
 def evaluate_zeroshot(
     model: torch.nn.Module,
     loader: Iterable,
@@ -100,7 +120,7 @@ def evaluate_zeroshot(
 
     Under a process group each rank passes its own disjoint part of the set; the correct counts are
     summed over ranks, so every sample counts once whatever the set size. Every rank must call this
-    (it ends in a collective) and every rank gets the same result. Returns
+    (see `lockstep`) and every rank gets the same result. Returns
     {top1, top5, n, seconds, images_per_s} (accuracies as fractions; with <= 5 classes top5 is 1.0).
     """
     device = torch.device(device)
@@ -110,12 +130,14 @@ def evaluate_zeroshot(
     total = getattr(loader, "num_samples", None)  # this rank's images, when the loader knows it
     bar = tqdm(total=total, desc=desc, unit="img", disable=not (progress and dist.is_main()), leave=False)
     start = time.perf_counter()
-    with eval_mode(model), torch.inference_mode():
-        for images, labels in loader:
+    with eval_mode(model), torch.no_grad():
+        for images, labels in lockstep(loader, device):
             images = images.to(device=device, dtype=dtype, non_blocking=True)
-            labels = labels.to(device=device, non_blocking=True)
             with autocast_context(device, autocast):
                 features = model.encode_image(images, normalize=True)
+            if labels is None:  # this rank's part is done; the forward only kept step with the others
+                continue
+            labels = labels.to(device=device, non_blocking=True)
             logits = features.float() @ weights
             top1, top5 = topk_correct(logits, labels, (1, 5))
             counts += torch.stack([top1, top5, torch.tensor(labels.numel(), device=device)]).to(counts.dtype)
