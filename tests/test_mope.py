@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_images, tiny_open_clip, tiny_texts  # noqa: E402
 
 from mope_dist.model import count_params, from_open_clip, load_model, save_pretrained, slice_model  # noqa: E402
+from mope_dist.mope import engine  # noqa: E402
 from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor, unit_tensors  # noqa: E402
 from mope_dist.mope.engine import score_mope  # noqa: E402
 from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, local_batches  # noqa: E402
@@ -109,8 +110,9 @@ def test_local_batches_partition():
 
 # gather budgets that split the text candidates' classifiers / the galleries into several passes
 @pytest.mark.parametrize("kind,gather_bytes", [("classification", 3000), ("retrieval", 30000)])
-def test_engine_equals_naive_reference(model, kind, gather_bytes):
+def test_engine_equals_naive_reference(model, kind, gather_bytes, monkeypatch):
     """Exact integer counts of the batched, cached engine == slice each unit out and evaluate."""
+    monkeypatch.setattr(engine, "_SIM_ELEMENTS", 2000)  # retrieval ranks a couple of candidates at a time
     proxy = dict(zip(["classification", "retrieval"], make_proxies(model), strict=True))[kind]
     units = enumerate_units(model, neuron_groups=GROUPS)
     got = score_mope(

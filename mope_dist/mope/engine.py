@@ -51,6 +51,7 @@ from mope_dist.mope.units import Unit, candidate_masks, check_units, tower_of
 from mope_dist.utils import get_logger
 
 log = get_logger("mope")
+_SIM_ELEMENTS = 1 << 26  # similarities ranked at once (256 MiB in fp32)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class _RetrievalScorer:
     """Z = mean of R@1/5/10 image->text and text->image; both galleries are gathered whole."""
 
     def __init__(self, proxy: RetrievalProxy, batch_size: int, rank: int, world: int, embed_dim: int):
-        self.proxy, self.embed_dim = proxy, embed_dim
+        self.proxy, self.embed_dim, self.batch_size = proxy, embed_dim, batch_size
         n_img, n_txt = proxy.images.shape[0], proxy.texts.shape[0]
         self.streams = {
             "vision": _Stream(proxy.images, local_batches(n_img, batch_size, rank, world)),
@@ -169,15 +170,23 @@ class _RetrievalScorer:
         return self._counts(self.base_features["vision"][None], self.base_features["text"][None])
 
     def _counts(self, images: Tensor, texts: Tensor) -> Tensor:
-        """Hits [C, 6] of this rank's queries; images [C|1, N_img, D], texts [C|1, N_txt, D]."""
+        """Hits [C, 6] of this rank's queries; images [C|1, N_img, D], texts [C|1, N_txt, D].
+
+        Candidates are ranked a few at a time so the [c, queries, gallery] similarities stay small."""
         c = max(images.shape[0], texts.shape[0])
         hits = torch.zeros(c, 6, dtype=torch.long, device=images.device)
-        for s, e in self.streams["vision"].batches:
-            positives = self.t2i[None, :] == torch.arange(s, e, device=images.device)[:, None]
-            hits[:, :3] += recall_hits(images[:, s:e] @ texts.transpose(1, 2), positives)
-        for s, e in self.streams["text"].batches:
-            positives = self.t2i[s:e, None] == torch.arange(images.shape[1], device=images.device)[None, :]
-            hits[:, 3:] += recall_hits(texts[:, s:e] @ images.transpose(1, 2), positives)
+        step = max(1, _SIM_ELEMENTS // max(1, self.batch_size * max(images.shape[1], texts.shape[1])))
+        for c0 in range(0, c, step):
+            img = images[c0 : c0 + step] if images.shape[0] > 1 else images
+            txt = texts[c0 : c0 + step] if texts.shape[0] > 1 else texts
+            for s, e in self.streams["vision"].batches:
+                positives = self.t2i[None, :] == torch.arange(s, e, device=images.device)[:, None]
+                hits[c0 : c0 + step, :3] += recall_hits(img[:, s:e] @ txt.transpose(1, 2), positives)
+            for s, e in self.streams["text"].batches:
+                positives = (
+                    self.t2i[s:e, None] == torch.arange(images.shape[1], device=images.device)[None, :]
+                )
+                hits[c0 : c0 + step, 3:] += recall_hits(txt[:, s:e] @ img.transpose(1, 2), positives)
         return hits
 
     def gathered_rows(self, tower: str) -> int:
