@@ -140,6 +140,21 @@ def test_small_class_count_and_bad_inputs():
         evaluate_retrieval(model, images, tokenizer(["a", "b"]), torch.tensor([0, 5]), "cpu")
 
 
+def test_bf16_paths_run_close_to_fp32():
+    """The GPU precision (bf16 autocast) and a bf16-exported model, exercised on CPU."""
+    model = tiny_clip()
+    zs32, ret32 = run_eval(model, 0, 1)
+    images, labels, texts, text_to_image = make_data(model)
+    clf = build_classifier(model, CLASSNAMES, TEMPLATES, tokenizer, "cpu", autocast=True)
+    for m, autocast in ((model, True), (tiny_clip().to(torch.bfloat16), False)):
+        zs = evaluate_zeroshot(
+            m, rank_part(images, labels, 0, 1), clf, "cpu", autocast=autocast, progress=False
+        )
+        ret = evaluate_retrieval(m, images, texts, text_to_image, "cpu", autocast=autocast)
+        assert zs["n"] == N_IMAGES and abs(zs["top1"] - zs32["top1"]) <= 0.2
+        assert abs(ret["mean_recall"] - ret32["mean_recall"]) <= 0.2
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
