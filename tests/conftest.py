@@ -15,6 +15,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # namespace package (its __init__.py, and so `mope_dist.load_model`, is skipped when the repo root is
 # not on sys.path, as under pytest).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waiting made the
+# model tests 4x slower (128 s vs 32 s). Subprocesses (launchers, DataLoader workers) are unaffected.
+torch.set_num_threads(int(os.environ.get("MOPE_TEST_THREADS", "1")))
 
 IMAGE_SIZE = 32
 CONTEXT_LENGTH = 16
