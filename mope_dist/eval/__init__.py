@@ -1,6 +1,6 @@
 """Zero-shot classification and image-text retrieval evaluation, usable alone and inside training."""
 
-from mope_dist.eval.retrieval import evaluate_retrieval, recall_at_k
+from mope_dist.eval.retrieval import evaluate_retrieval
 from mope_dist.eval.zeroshot import build_classifier, evaluate_zeroshot, topk_correct
 
-__all__ = ["build_classifier", "evaluate_retrieval", "evaluate_zeroshot", "recall_at_k", "topk_correct"]
+__all__ = ["build_classifier", "evaluate_retrieval", "evaluate_zeroshot", "topk_correct"]
