@@ -81,7 +81,7 @@ class _ClassificationScorer:
     """Z = top-1 accuracy; the text stream is the classifier's prompts, micro-batched by whole classes."""
 
     def __init__(self, proxy: ClassificationProxy, batch_size: int, rank: int, world: int, embed_dim: int):
-        self.proxy = proxy
+        self.proxy, self.batch_size = proxy, batch_size
         k, m, ctx = proxy.class_texts.shape
         self.num_classes, self.num_templates, self.embed_dim = k, m, embed_dim
         classes_per_batch = max(1, batch_size // m)
@@ -113,10 +113,13 @@ class _ClassificationScorer:
         return F.normalize(emb, dim=-1)
 
     def _counts(self, classifier: Tensor) -> Tensor:
-        """Correct counts [C, 1] of this rank's images against classifiers [C, K, D]."""
+        """Correct counts [C, 1] of this rank's images against classifiers [C, K, D], a few
+        classifiers at a time so the [c, images, classes] logits stay small."""
         total = torch.zeros(classifier.shape[0], dtype=torch.long, device=classifier.device)
-        for feats, labels in zip(self.image_features, self.labels, strict=True):
-            total += count_correct(feats[None], classifier, labels)
+        step = max(1, _SIM_ELEMENTS // max(1, self.batch_size * self.num_classes))
+        for c0 in range(0, classifier.shape[0], step):
+            for feats, labels in zip(self.image_features, self.labels, strict=True):
+                total[c0 : c0 + step] += count_correct(feats[None], classifier[c0 : c0 + step], labels)
         return total[:, None]
 
     def gathered_rows(self, tower: str) -> int:
