@@ -5,7 +5,7 @@
 #   NODE_RANK       set on every node to start each node's launcher yourself (SLURM, k8s): --no_ssh mode
 #   MASTER_ADDR     address of node 0 (multi-node), MASTER_PORT (default 29500)
 #   DS_ACCELERATOR  cpu forces CPU + gloo; default: cuda + nccl when a GPU is visible
-#   PYTHON          interpreter to run the module with (default: the one on PATH)
+#   PYTHON          interpreter with mope-dist installed (default: python on PATH)
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ ! -f "$1" ]; then
@@ -33,8 +33,8 @@ if [ -n "${HOSTFILE:-}" ]; then
 else
   launcher_args+=(--num_gpus "$NPROC_PER_NODE")
 fi
-if [ -n "${PYTHON:-}" ]; then
-  deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
-else
-  deepspeed_cmd=(deepspeed)
-fi
+PYTHON=${PYTHON:-python}
+deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
+
+# Bad configuration stops here with one line and exit 2, before any process is launched.
+"$PYTHON" -m mope_dist.config "$@"

@@ -408,3 +408,9 @@ def config_from_argv(argv: list[str]) -> Config:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+if (
+    __name__ == "__main__"
+):  # `python -m mope_dist.config CONFIG [overrides]`: validate only (the launchers do)
+    config_from_argv(sys.argv[1:])
