@@ -76,9 +76,7 @@ class SkipCounters:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(data))
-    img.draft("RGB", None)  # no-op for non-JPEG; cheap JPEG decode path
-    return img.convert("RGB")
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
