@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,14 @@ def test_entry_point_exits_2_with_one_line(recipe):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "data.workers" in lines[0]
+
+
+@pytest.mark.parametrize("recipe", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=str)
+def test_shipped_recipes_are_valid(recipe, tmp_path):
+    """Every recipe in configs/ parses with its own keys; only its data paths are pointed at tmp_path."""
+    (tmp_path / "teacher").mkdir()
+    paths = ["data.train_shards", "mope.proxy.data", "eval.data", "mope.proxy.classnames", "eval.classnames"]
+    overrides = [f"{key}={tmp_path}" for key in paths] + [f"teacher.name={tmp_path / 'teacher'}"]
+    overrides += ["mope.proxy.templates=simple", "eval.templates=simple"]
+    cfg = load_config(recipe, overrides)
+    assert cfg.distill.steps > 0 and cfg.output.dir
