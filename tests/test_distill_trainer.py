@@ -104,11 +104,9 @@ def suite_stages(out: Path, info, record):
     probe_images, probe_texts = tiny_images(2, seed=7), tiny_texts(2, seed=7)
 
     def evaluate(model):
-        device_images = probe_images.to(next(model.parameters()).dtype)
-        return {
-            "probe": model.encode_image(device_images).sum().item()
-            + model.encode_text(probe_texts).sum().item()
-        }
+        p = next(model.parameters())
+        images, texts = probe_images.to(p.device, p.dtype), probe_texts.to(p.device)
+        return {"probe": model.encode_image(images).sum().item() + model.encode_text(texts).sum().item()}
 
     for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16")):
         name = f"zero{stage}_{precision}"
@@ -193,7 +191,7 @@ def suite_resume(out: Path, info, record):
             p.name for p in (out / "crashed" / "checkpoints").iterdir() if not p.name.endswith(".py")
         )
 
-    # a NaN batch on rank 1 only: both ranks drop it, the step still happens, one skip is counted
+    # a NaN batch on rank 1 only: the step is skipped on both ranks and counted once; 5 steps still happen
     nan, _ = run("nan", RandomLoader(info.rank, nan_batches={(0, 1)} if info.rank == 1 else set()))
     record["nan_step"], record["nan_skipped"] = nan.state.step, nan.state.skipped_steps
     # NaN from step 3 on: stop after max_consecutive_skips with a clear error, step-2 checkpoint intact

@@ -11,10 +11,11 @@
 - Loader protocol (mope_dist.data.ImageTextLoader): `len(loader)` batches per epoch on every rank,
   `loader.set_epoch(epoch, start_step)` then `iter(loader)` yields the epoch's remaining
   (images, tokens) batches; optional `loader.skipped() -> {reason: count}`.
-- Non-finite loss (any rank): the micro-batch is dropped before backward and another takes its place.
-  Non-finite gradients: the optimizer step is skipped (DeepSpeed's overflow check under ZeRO 1-3,
-  bf16 and fp16; our own check for ZeRO-0 fp32). Both count as skipped steps; after
-  `max_consecutive_skips` in a row training stops with an error and the last checkpoint intact.
+- Non-finite loss or gradients (any rank): the optimizer step is skipped (a non-finite loss makes
+  non-finite gradients; DeepSpeed's overflow check catches them under ZeRO 1-3, bf16 and fp16, our own
+  gradient-norm check under ZeRO-0 fp32), so the loop never waits on the GPU for a per-batch loss
+  check. Skips are counted; after `max_consecutive_skips` in a row training stops with an error and
+  the last checkpoint intact.
 - Resume: the newest complete checkpoint restores module, optimizer, step and data position
   (epoch, batches consumed in it), so the LR continues and the data stream does not replay.
 """
@@ -178,12 +179,6 @@ def _promote_scalar_params(model: torch.nn.Module) -> None:
             p.data = p.data.reshape(1)
 
 
-def _all_ranks(flag: bool) -> bool:
-    """True iff `flag` holds on every rank (one scalar all-reduce)."""
-    t = torch.tensor([0.0 if flag else 1.0])
-    return dist.all_reduce_sum(t).item() == 0
-
-
 def _gathered(engine):
     """Full student parameters on every rank for the duration (ZeRO-3 only; a no-op otherwise)."""
     if engine.zero_optimization_stage() == 3:
@@ -193,32 +188,45 @@ def _gathered(engine):
     return contextlib.nullcontext()
 
 
+def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """{"imagenet": {"top1": 0.5}, "n": 3, "note": "x"} -> {"imagenet/top1": 0.5, "n": 3.0} (numbers only)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out
+
+
 def _evaluate(evaluate, model, gathered=None) -> dict:
     was_training = model.training
     model.eval()
     try:
         with gathered or contextlib.nullcontext(), torch.no_grad():
-            return {k: float(v) for k, v in evaluate(model).items() if isinstance(v, (int, float))}
+            return _flat_numbers(evaluate(model))
     finally:
         model.train(was_training)
 
 
-def _reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    """Sum over ranks of per-rank values with identical keys (one all-reduce)."""
+def _reduce_sum(values: dict, device: torch.device) -> dict[str, float]:
+    """Sum over ranks of per-rank numbers or scalar tensors with identical keys (one all-reduce)."""
     keys = sorted(values)
-    t = dist.all_reduce_sum(torch.tensor([values[k] for k in keys], dtype=torch.float64))
-    return dict(zip(keys, t.tolist(), strict=True))
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
+    return dict(zip(keys, dist.all_reduce_sum(t).tolist(), strict=True))
 
 
-def _window_metrics(sums: dict, window: dict, elapsed: float, global_batch: int, world: int, loader) -> dict:
+def _window_metrics(
+    sums: dict, window: dict, elapsed: float, global_batch: int, world: int, loader, device
+) -> dict:
     """Loss terms and data wait averaged over ranks, throughput, and the loader's skip counters summed
     over ranks, for one log window. Collective."""
     local = {f"loss/{k}": v / max(1, window["micro"]) for k, v in sums.items()}
     local["perf/data_wait_s"] = window["data_wait"] / window["steps"]
-    m = {k: v / world for k, v in _reduce_sum(local).items()}
+    m = {k: v / world for k, v in _reduce_sum(local, device).items()}
     skipped = loader.skipped() if hasattr(loader, "skipped") else {}
     if skipped:
-        counts = _reduce_sum({f"data/skipped/{k}": float(v) for k, v in skipped.items()})
+        counts = _reduce_sum({f"data/skipped/{k}": v for k, v in skipped.items()}, device)
         m.update(counts)
         m["data/skipped_samples"] = sum(counts.values())
     samples_per_s = window["steps"] * global_batch / elapsed
@@ -302,7 +310,7 @@ def train(
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         loader.set_epoch(state.epoch, state.batch_in_epoch)
         batches = iter(loader)
-        sums: dict[str, float] = {}  # loss terms summed over the log window's micro-batches
+        sums: dict = {}  # loss terms summed over the log window's micro-batches
         window = {"micro": 0, "steps": 0, "data_wait": 0.0, "t0": time.perf_counter()}
         last_saved = state.step if tag is not None else -1
 
@@ -310,7 +318,7 @@ def train(
             set_lr(
                 engine.optimizer, lr_at(state.step, args.lr, args.warmup_steps, args.total_steps, args.min_lr)
             )
-            micro, own_skip, grad_norm = 0, False, None
+            micro, own_skip, grad_norm, step_sums = 0, False, None, {}
             while micro < args.grad_accum_steps:
                 t = time.perf_counter()
                 batch = next(batches, None)
@@ -332,16 +340,7 @@ def train(
                     engine, student_rec, images.to(device, dtype, non_blocking=True), texts
                 )
                 loss, terms = loss_fn(student_out, teacher_out)
-
-                if not _all_ranks(bool(torch.isfinite(loss))):
-                    state.skipped_steps += 1
-                    state.consecutive_skips += 1
-                    if main:
-                        log.warning(f"step {state.step + 1}: non-finite loss; batch skipped on every rank")
-                    _check_skips(state, args, ckpt)
-                    continue  # dropped before backward; the next batch takes its place
-
-                engine.backward(loss)
+                engine.backward(loss)  # a non-finite loss makes non-finite gradients: caught below
                 micro += 1
                 if micro == args.grad_accum_steps and own_clip:  # grads are all-reduced by now
                     params = engine.module.parameters()
@@ -350,18 +349,21 @@ def train(
                         engine.optimizer.zero_grad(set_to_none=True)
                         own_skip = True
                 engine.step()
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                sums["total"] = sums.get("total", 0.0) + loss.item()
-                window["micro"] += 1
+                for k, v in {**terms, "total": loss.detach()}.items():  # device tensors: no host sync
+                    step_sums[k] = step_sums.get(k, 0.0) + v.float()
 
-            if own_skip or not engine.was_step_applied():
+            if own_skip or not engine.was_step_applied():  # the same decision on every rank
                 state.skipped_steps += 1
                 state.consecutive_skips += 1
                 if main:
-                    log.warning(f"step {state.step + 1}: non-finite gradients; optimizer step skipped")
+                    log.warning(
+                        f"step {state.step + 1}: non-finite loss or gradients; optimizer step skipped"
+                    )
                 _check_skips(state, args, ckpt)
                 continue
+            for k, v in step_sums.items():
+                sums[k] = sums.get(k, 0.0) + v
+            window["micro"] += args.grad_accum_steps
             state.step += 1
             state.consecutive_skips = 0
             state.samples_seen += global_batch
@@ -369,7 +371,7 @@ def train(
 
             if state.step % args.log_every == 0 or state.step == args.total_steps:
                 elapsed = time.perf_counter() - window["t0"]
-                m = _window_metrics(sums, window, elapsed, global_batch, world, loader)
+                m = _window_metrics(sums, window, elapsed, global_batch, world, loader, device)
                 grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
                 m.update(
                     {

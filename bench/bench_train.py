@@ -1,0 +1,362 @@
+"""Training throughput and memory of mope_dist.distill.trainer against baselines measured in the same run.
+
+    DS_ACCELERATOR=cpu .venv/bin/python bench/bench_train.py [--nproc 2] [--parts distill,openclip,memory]
+
+- distill: samples/s of `train()` (DeepSpeed ZeRO-0, teacher + all four loss terms) vs a plain PyTorch
+  DDP loop doing the same student forward/backward, teacher forward, loss and AdamW step on the same
+  batches with the same process count. Goal: ratio >= 0.9.
+- openclip: contrastive-only samples/s of `train()` vs open_clip_train.train.train_one_epoch on the
+  same architecture, weights and batches. Goal: ratio >= 1.0. (open_clip_train's own data module needs
+  pandas; this bench passes it in-memory batches and never imports that module.)
+- memory: peak memory per rank for ZeRO 0/1/2/3 (a fresh launch per stage): peak RSS, its growth
+  over the RSS before deepspeed.initialize, and on CUDA torch.cuda.max_memory_allocated.
+
+Each part runs as one `torchrun` launch of this file; both sides of a ratio run in that same launch
+on the same batches, after warm-up steps, over the same number of timed steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Mid-size CLIP for the throughput parts (compute, not Python overhead, should dominate a step).
+MODEL = dict(
+    embed_dim=256,
+    vision_cfg=dict(image_size=64, patch_size=8, width=256, layers=6, head_width=32, mlp_ratio=4.0),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=256, heads=8, layers=6, mlp_ratio=4.0),
+)
+
+
+def _open_clip_model(cfg: dict, seed: int = 0, output_dict: bool = False):
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**cfg, output_dict=output_dict)
+
+
+def _student_teacher(cfg: dict):
+    """Teacher imported from open_clip; student keeps every other layer and 3/4 of the heads/neurons."""
+    from mope_dist.model import KeepSpec, TowerKeep, from_open_clip, slice_model
+
+    teacher = from_open_clip(_open_clip_model(cfg).eval())
+    keep = {}
+    for name in ("vision", "text"):
+        tower = getattr(teacher.spec, name)
+        layers = list(range(0, tower.num_layers, 2))
+        heads = {i: list(range(tower.heads[i] * 3 // 4)) for i in layers}
+        mlp = {i: list(range(tower.mlp_dims[i] * 3 // 4)) for i in layers}
+        keep[name] = TowerKeep(layers=layers, heads=heads, mlp=mlp)
+    return slice_model(teacher, KeepSpec(**keep)).train(), teacher
+
+
+class Batches:
+    """The trainer's loader protocol over a fixed list of in-memory batches (cycled)."""
+
+    def __init__(self, batches: list):
+        self.batches = batches
+        self.start = 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int, start_step: int = 0):
+        self.start = start_step
+
+    def __iter__(self):
+        yield from self.batches[self.start :]
+
+    # open_clip_train's DataInfo / dataloader attributes
+    @property
+    def num_batches(self):
+        return len(self.batches)
+
+    @property
+    def num_samples(self):
+        return sum(len(b[0]) for b in self.batches)
+
+
+def _batches(n: int, batch: int, cfg: dict, rank: int, device) -> list:
+    """Random batches already on the device, so neither side of a ratio pays the copy."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234 + rank)
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    out = []
+    for _ in range(n):
+        images = torch.randn(batch, 3, size, size, generator=g)
+        texts = torch.randint(1, 49406, (batch, ctx), generator=g)
+        texts[:, 0], texts[:, ctx // 2] = 49406, 49407  # SOT ... EOT (argmax pooling), rest random
+        texts[:, ctx // 2 + 1 :] = 0
+        out.append((images.to(device), texts.to(device)))
+    return out
+
+
+def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, args, info) -> float:
+    """Steady-state samples/s as logged by the trainer: the second of two equal log windows."""
+    from mope_dist.distill.trainer import train
+
+    train(student, teacher, loader, args, out_dir, info)
+    lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [x["perf/samples_per_s"] for x in lines if "perf/samples_per_s" in x]
+    return windows[-1]
+
+
+def _train_args(opts, steps: int, batch: int, distill: bool, **kw):
+    from mope_dist.distill.trainer import TrainArgs
+
+    weights = dict(kd_weight=1.0, embed_weight=100.0, hidden_weight=1.0, temperature=2.0) if distill else {}
+    kw = {"zero_stage": opts.zero, "precision": opts.precision, **kw}
+    return TrainArgs(
+        total_steps=2 * steps,
+        micro_batch_size=batch,
+        lr=1e-4,
+        warmup_steps=2,
+        log_every=steps,
+        **weights,
+        **kw,
+    )
+
+
+def _autocast(opts, device):
+    """The plain loops' counterpart of DeepSpeed bf16: fp32 weights, bf16 autocast."""
+    import contextlib
+
+    import torch
+
+    if opts.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def part_distill(info, opts, out: Path) -> dict:
+    """train() vs a plain DDP loop: same student fwd/bwd, teacher fwd, losses, AdamW, clipping."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mope_dist.distill.optim import lr_at, make_optimizer, set_lr
+    from mope_dist.distill.trainer import HiddenRecorder, make_loss
+
+    device = info.device
+    batches = _batches(opts.steps, opts.batch, MODEL, info.rank, device)
+    args = _train_args(opts, opts.steps, opts.batch, distill=True)
+
+    # plain PyTorch: DDP student, frozen teacher (bf16 on GPU, like the trainer's), the same loss, AdamW
+    student, teacher = _student_teacher(MODEL)
+    student.to(device)
+    teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False)
+    loss_fn = make_loss(args, student, teacher)
+    s_rec, t_rec = HiddenRecorder(student), HiddenRecorder(teacher)
+    ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = make_optimizer(student, args.lr, args.weight_decay, args.betas, args.eps)
+    for step in range(2 * opts.steps):
+        if step == opts.steps:
+            torch.distributed.barrier()
+            t0 = time.perf_counter()
+        images, texts = batches[step % len(batches)]
+        set_lr(optimizer, lr_at(step, args.lr, args.warmup_steps, args.total_steps))
+        with torch.no_grad():
+            t_out = t_rec(teacher, images.to(teacher.logit_scale.dtype), texts)
+        with _autocast(opts, device):
+            loss, _ = loss_fn(s_rec(ddp, images, texts), t_out)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+        optimizer.step()
+    torch.distributed.barrier()
+    plain = opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
+
+    student, teacher = _student_teacher(MODEL)
+    ours = _trainer_samples_per_s(out / "distill", student, teacher, Batches(batches), args, info)
+    return {"trainer_samples_per_s": ours, "plain_ddp_samples_per_s": plain, "ratio": ours / plain}
+
+
+def part_openclip(info, opts, out: Path) -> dict:
+    """Contrastive only: train() vs open_clip_train.train.train_one_epoch, same weights and batches."""
+    from types import SimpleNamespace
+
+    import torch
+    from open_clip.loss import ClipLoss
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mope_dist.model import from_open_clip
+
+    batches = _batches(opts.steps, opts.batch, MODEL, info.rank, info.device)
+    model = _open_clip_model(MODEL, output_dict=True).to(info.device)
+    ours_model = from_open_clip(_open_clip_model(MODEL)).train()  # identical weights (same seed)
+
+    # open_clip_train's setup (main.py): DDP, AdamW with its exclude rule, cosine_lr, ClipLoss
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.2},
+        ],
+        lr=1e-4,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+    )
+    scheduler = cosine_lr(optimizer, 1e-4, 2, 2 * opts.steps)
+    loss = ClipLoss(cache_labels=True, rank=info.rank, world_size=info.world_size)
+    oc_args = SimpleNamespace(
+        device=str(info.device), precision="amp_bf16" if opts.precision == "bf16" else "fp32", distill=False, accum_freq=1, skip_scheduler=False,
+        horovod=False, grad_clip_norm=1.0, log_every_n_steps=10**9, batch_size=opts.batch,
+        world_size=info.world_size, rank=info.rank, local_rank=info.local_rank, wandb=False,
+    )  # fmt: skip
+    loader = Batches(batches)
+    data = {"train": SimpleNamespace(dataloader=loader, set_epoch=lambda epoch: None)}
+    ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    train_one_epoch(ddp, data, loss, 0, optimizer, None, scheduler, None, oc_args)  # warm-up epoch
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    train_one_epoch(ddp, data, loss, 1, optimizer, None, scheduler, None, oc_args)
+    torch.distributed.barrier()
+    theirs = opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
+
+    args = _train_args(opts, opts.steps, opts.batch, distill=False)
+    ours = _trainer_samples_per_s(out / "openclip", ours_model, None, Batches(batches), args, info)
+    return {"trainer_samples_per_s": ours, "open_clip_train_samples_per_s": theirs, "ratio": ours / theirs}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def part_memory(info, opts, out: Path) -> dict:
+    """One ZeRO stage (fresh processes): memory of a contrastive run of a ViT-B/32-sized CLIP.
+
+    Peak RSS includes transients of engine construction (flattening copies) and checkpoint saving;
+    "held" is what the live engine keeps after training (model, gradients, optimizer state)."""
+    import gc
+
+    import open_clip
+    import torch
+
+    from mope_dist.distill.trainer import train
+    from mope_dist.model import from_open_clip
+
+    cfg = open_clip.get_model_config(opts.memory_model)
+    model = from_open_clip(_open_clip_model(cfg)).train()
+    params_m = sum(p.numel() for p in model.parameters()) / 1e6
+    batches = _batches(2, opts.memory_batch, cfg, info.rank, info.device)
+    cuda = info.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = _rss_mb()
+    args = _train_args(opts, 1, opts.memory_batch, distill=False, zero_stage=opts.stage)
+    result = train(model, None, Batches(batches), args, out / f"memory_zero{opts.stage}", info)
+    gc.collect()
+    r = {
+        "params_m": params_m,
+        "peak_rss_growth_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before,
+        "held_rss_growth_mb": _rss_mb() - before,
+    }
+    if cuda:
+        r["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        r["cuda_held_mb"] = torch.cuda.memory_allocated() / 2**20
+    del result
+    return r
+
+
+def worker(opts) -> None:
+    import torch
+
+    from mope_dist.dist import init_distributed
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // int(os.environ.get("WORLD_SIZE", "1"))))
+    info = init_distributed(use_deepspeed=True)
+    out = Path(opts.out)
+    result = {"distill": part_distill, "openclip": part_openclip, "memory": part_memory}[opts.part](
+        info, opts, out
+    )
+    Path(out, f"{opts.part}{opts.stage if opts.part == 'memory' else ''}_rank{info.rank}.json").write_text(
+        json.dumps(result)
+    )
+
+
+def launch(opts, part: str, out: Path, stage: int = 0) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(opts.nproc)]
+    cmd += [__file__, "--worker", "--part", part, "--out", str(out), "--stage", str(stage)]
+    cmd += ["--steps", str(opts.steps), "--batch", str(opts.batch), "--zero", str(opts.zero)]
+    cmd += ["--precision", opts.precision]
+    cmd += ["--memory-model", opts.memory_model, "--memory-batch", str(opts.memory_batch)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"{part} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    name = f"{part}{stage if part == 'memory' else ''}"
+    return [json.loads((out / f"{name}_rank{r}.json").read_text()) for r in range(opts.nproc)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--parts", default="distill,openclip,memory")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (after as many warm-up steps)")
+    p.add_argument("--batch", type=int, default=32, help="per-rank batch")
+    p.add_argument("--zero", type=int, default=0, help="ZeRO stage of the trainer in the throughput parts")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--memory-model", default="ViT-B-32")
+    p.add_argument("--memory-batch", type=int, default=4)
+    p.add_argument("--out", default=None)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--part", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
+    opts = p.parse_args()
+    if opts.worker:
+        return worker(opts)
+
+    out = Path(opts.out or tempfile.mkdtemp(prefix="bench_train_"))
+    parts = opts.parts.split(",")
+    print(
+        f"bench_train: {opts.nproc} processes, batch {opts.batch}/rank, {opts.steps} timed steps, out {out}"
+    )
+    if "distill" in parts:
+        r = launch(opts, "distill", out)[0]
+        print(
+            f"distill     trainer {r['trainer_samples_per_s']:8.1f} samples/s | plain DDP loop "
+            f"{r['plain_ddp_samples_per_s']:8.1f} samples/s | ratio {r['ratio']:.3f} (goal >= 0.9)"
+        )
+    if "openclip" in parts:
+        r = launch(opts, "openclip", out)[0]
+        print(
+            f"contrastive trainer {r['trainer_samples_per_s']:8.1f} samples/s | open_clip_train "
+            f"{r['open_clip_train_samples_per_s']:8.1f} samples/s | ratio {r['ratio']:.3f} (goal >= 1.0)"
+        )
+    if "memory" in parts:
+        print(
+            f"memory ({opts.memory_model}, batch {opts.memory_batch}/rank, contrastive, {opts.precision}, AdamW), per rank:"
+        )
+        for stage in range(4):
+            ranks = launch(opts, "memory", out, stage)
+            cells = []
+            for i, r in enumerate(ranks):
+                cell = f"rank{i}: RSS +{r['held_rss_growth_mb']:5.0f} MB held, +{r['peak_rss_growth_mb']:5.0f} MB peak"
+                if "cuda_max_allocated_mb" in r:
+                    cell += (
+                        f"; CUDA {r['cuda_held_mb']:5.0f} MB held, {r['cuda_max_allocated_mb']:5.0f} MB peak"
+                    )
+                cells.append(cell)
+            print(f"  ZeRO-{stage} ({ranks[0]['params_m']:.0f}M params)  " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    main()
