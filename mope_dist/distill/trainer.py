@@ -330,6 +330,11 @@ def train(
                 window["data_wait"] += time.perf_counter() - t
                 state.batch_in_epoch += 1
                 images, texts = batch
+                if images.shape[0] != args.micro_batch_size:
+                    raise ValueError(
+                        f"loader batch of {images.shape[0]} but micro_batch_size={args.micro_batch_size}: "
+                        "every rank must get full, equal batches (the DeepSpeed config assumes them)"
+                    )
                 texts = texts.to(device, non_blocking=True)
 
                 teacher_out = None
