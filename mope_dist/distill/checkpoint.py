@@ -7,20 +7,34 @@ Layout (output_dir/checkpoints/):
     latest                    the newest complete tag, replaced atomically after the marker
 
 A crash while saving leaves a tag dir without the marker (and `latest` still naming the previous
-tag); loading verifies the marker and the files it lists, and falls back to the newest complete tag.
+tag); loading verifies the marker and the files it lists (names and sizes, so a truncated file is
+caught too), and falls back to the newest complete tag.
+
+A save that fails on any rank (full disk, unwritable directory, I/O error) stops every rank with the
+same JobError naming the failing rank(s) and the cause; the half-written tag is removed (freeing its
+space) and `latest` keeps naming the previous checkpoint, which is what a rerun resumes from.
+
+Loading never unpickles arbitrary objects: DeepSpeed's checkpoint files are read with
+`torch.load(weights_only=True)`, allowing only the few DeepSpeed classes they hold (loss scaler, ZeRO
+stage enum, fragment addresses); see `weights_only_loading`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
 import re
 import shutil
 import threading
+import traceback
 from pathlib import Path
 
+import torch
+
 from mope_dist import dist
+from mope_dist.dist import JobError
 from mope_dist.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("mope_dist.distill")
@@ -42,6 +56,50 @@ def is_complete(tag_dir: Path) -> bool:
     return all(
         (tag_dir / name).is_file() and (tag_dir / name).stat().st_size == size for name, size in files.items()
     )
+
+
+def _ds_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed 0.19 puts in its checkpoint files (ZeRO 0-3, fp32/bf16/fp16)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path, map_location=None, **kwargs):
+    """torch.load of a DeepSpeed checkpoint file without arbitrary unpickling (weights_only=True)."""
+    kwargs.pop("weights_only", None)
+    with torch.serialization.safe_globals(_ds_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True, **kwargs)
+
+
+class _SafeTorch:
+    """Stands in for the `torch` module inside deepspeed.utils.zero_to_fp32: only `load` differs."""
+
+    load = staticmethod(safe_torch_load)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine=None):
+    """Within: DeepSpeed reads checkpoints with `safe_torch_load` (the engine's checkpoint engine, and
+    deepspeed.utils.zero_to_fp32's converter), never with weights_only=False."""
+    from deepspeed.utils import zero_to_fp32
+
+    saved_torch = zero_to_fp32.torch
+    ckpt_engine = getattr(engine, "checkpoint_engine", None)
+    zero_to_fp32.torch = _SafeTorch()
+    if ckpt_engine is not None:
+        ckpt_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location=map_location)
+    try:
+        yield
+    finally:
+        zero_to_fp32.torch = saved_torch
+        if ckpt_engine is not None:
+            del ckpt_engine.load  # back to the class's method
 
 
 class Mirror:
@@ -128,30 +186,84 @@ class CheckpointManager:
         return complete[-1] if complete else None
 
     def save(self, engine, step: int, client_state: dict) -> str:
-        """Collective: every rank must call it. Returns the tag."""
+        """Collective: every rank must call it. Returns the tag; raises JobError on every rank if the
+        save failed on any (see the module docstring)."""
         tag = step_tag(step)
-        if dist.is_main() and (self.dir / tag).exists():  # leftovers of a save that crashed
-            shutil.rmtree(self.dir / tag)
-        dist.barrier()
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        dist.barrier()  # every rank's shards are on disk before the marker says so
-        if dist.is_main():
-            tag_dir = self.dir / tag
-            files = {
-                p.name: p.stat().st_size
-                for p in sorted(tag_dir.iterdir())
-                if p.is_file() and p.name != MARKER
-            }
-            atomic_write_json(tag_dir / MARKER, {"step": step, "files": files})
-            atomic_write_text(self.dir / "latest", tag + "\n")
-            removed = self._prune(keep_from=tag)
-            if self.mirror is not None:
-                rel = self.dir.relative_to(self.mirror.local_root).as_posix()
-                self.mirror.sync(
-                    [f"{rel}/{tag}", f"{rel}/latest"], delete=tuple(f"{rel}/{t}" for t in removed)
-                )
-        dist.barrier()  # nobody starts the next save (or exits) while rank 0 still prunes
+        tag_dir = self.dir / tag
+        main = dist.is_main()
+        previous = self.latest() if main else None
+
+        error = None
+        if main:  # leftovers of a save that crashed go; the tag dir exists before DeepSpeed writes
+            try:
+                if tag_dir.exists():
+                    shutil.rmtree(tag_dir)
+                tag_dir.mkdir(parents=True)
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        self._check(error, tag, previous)
+
+        error = None
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as e:  # noqa: BLE001 - any failure to write (OSError, torch's RuntimeError)
+            log.error("saving %s failed on this rank:\n%s", tag, traceback.format_exc())
+            error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            # DeepSpeed's save ends with a barrier every other rank is in (its collectives all come
+            # before the writes): join it so that the ranks meet again in the agreement below
+            dist.barrier()
+        self._check(error, tag, previous)  # every rank's shards are on disk before the marker says so
+
+        error = None
+        if main:
+            try:
+                files = {
+                    p.name: p.stat().st_size
+                    for p in sorted(tag_dir.iterdir())
+                    if p.is_file() and p.name != MARKER
+                }
+                atomic_write_json(tag_dir / MARKER, {"step": step, "files": files})
+                atomic_write_text(self.dir / "latest", tag + "\n")
+                removed = self._prune(keep_from=tag)
+                if self.mirror is not None:
+                    rel = self.dir.relative_to(self.mirror.local_root).as_posix()
+                    self.mirror.sync(
+                        [f"{rel}/{tag}", f"{rel}/latest"], delete=tuple(f"{rel}/{t}" for t in removed)
+                    )
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        # nobody starts the next save (or exits) while rank 0 still prunes
+        self._check(error, tag, previous)
         return tag
+
+    def _check(self, error: str | None, tag: str, previous: str | None) -> None:
+        """Collective: if any rank failed, rank 0 removes the partial tag and every rank raises the
+        same JobError (composed by rank 0, which knows the previous checkpoint)."""
+        failed = dist.agree_on_error(error)
+        if failed is None:
+            return
+        message, ranks = failed
+        text = None
+        if dist.is_main():
+            shutil.rmtree(self.dir / tag, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                if (self.dir / "latest").is_file() and (self.dir / "latest").read_text().strip() == tag:
+                    if previous:
+                        atomic_write_text(self.dir / "latest", previous + "\n")
+                    else:
+                        (self.dir / "latest").unlink()
+            where = "rank " + ", ".join(map(str, ranks)) if len(ranks) < 8 else f"{len(ranks)} ranks"
+            kept = (
+                f"the previous checkpoint {previous} is intact and a rerun resumes from it"
+                if previous
+                else "there is no earlier checkpoint (a rerun starts training from the beginning)"
+            )
+            text = (
+                f"saving checkpoint {tag} in {self.dir} failed on {where} ({message}); the partial {tag} "
+                f"was removed and {kept}. Free disk space or fix the output directory, then rerun the "
+                "same command."
+            )
+        raise JobError(dist.broadcast_object(text))
 
     def _prune(self, keep_from: str) -> list[str]:
         """Delete all but the newest `keep` complete tags, and incomplete tags older than `keep_from`."""
@@ -166,9 +278,20 @@ class CheckpointManager:
 
     def load(self, engine, tag: str) -> dict:
         """Collective: restore module, optimizer and scheduler state; returns the client_state."""
-        path, client_state = engine.load_checkpoint(
-            str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            with weights_only_loading(engine):
+                path, client_state = engine.load_checkpoint(
+                    str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        except Exception as e:
+            if dist.is_collective_failure(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise JobError(
+                f"checkpoint {self.dir / tag} could not be loaded ({type(e).__name__}: {first}); it was "
+                "not written by this run's settings or is damaged: move it out of the way to resume from "
+                "the previous complete checkpoint"
+            ) from e
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+            raise JobError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         return client_state
