@@ -39,7 +39,8 @@ class TeacherConfig:
 
 @dataclass
 class DataConfig:
-    # Training image-text shards: braces, `::`-joined sources, fsspec URLs, `pipe:` commands.
+    # Training image-text shards: braces, `::`-joined sources, fsspec URLs, `pipe:COMMAND` (the command
+    # runs in a shell with this job's permissions: only use specs you trust).
     train_shards: str = ""
     mode: Literal["resampled", "finite"] = "resampled"
     # Samples in one (virtual) epoch; needed when shards carry no sizes.json.
@@ -48,6 +49,9 @@ class DataConfig:
     batch_size: int = 256
     workers: int = 2
     seed: int = 0
+    # Stop training when more than this fraction of the samples read so far (all ranks) was unusable
+    # (missing image or caption, undecodable image); 1 never stops.
+    max_skip_rate: float = 0.1
 
 
 @dataclass
@@ -343,6 +347,8 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     }.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
+    if not 0 <= cfg.data.max_skip_rate <= 1:
+        fail("data.max_skip_rate", f"must be in [0, 1], got {cfg.data.max_skip_rate}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:
         fail("data.samples_per_epoch", f"must be positive, got {cfg.data.samples_per_epoch}")
     if cfg.data.batch_size % cfg.distill.grad_accum:

@@ -16,8 +16,12 @@ Modes:
   reproducible, and a resumed run (start_step > 0) draws new data instead of replaying the beginning.
 
 Bad input never stops training: samples without an image or caption, empty captions, undecodable images,
-truncated shards and unreadable shards (after retries) are skipped and counted per reason in shared
-memory, so `loader.skipped()` on the rank sums all its workers.
+truncated shards and unreadable shards (after retries) are skipped, logged and counted per reason in
+shared memory, so `loader.skipped()` on the rank sums all its workers (`sample_counts()` gives the used
+and skipped sample totals the trainer's `data.max_skip_rate` check needs). Only two situations stop
+the loader, with a JobError naming the cause: no shard at all can be read (a worker has tried every
+shard of the spec without getting a sample, or 64 shards in a row gave none), or 10,000 unusable
+samples in a row (wrong field names, an undecodable format).
 """
 
 from __future__ import annotations
@@ -42,19 +46,14 @@ from mope_dist.data.shards import (
     iter_shard_samples,
     shard_sizes,
 )
+from mope_dist.dist import JobError
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SKIP_REASONS = (
-    "missing_image",
-    "missing_caption",
-    "empty_caption",
-    "bad_image",
-    "truncated_shard",
-    "unreadable_shard",
-)
+SAMPLE_SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_image")
+SKIP_REASONS = (*SAMPLE_SKIP_REASONS, "truncated_shard", "unreadable_shard")
 _MAX_EMPTY_DRAWS = 64  # resampled: this many consecutive shards without a sample is an error
 _MAX_BAD_IN_A_ROW = 10_000  # this many consecutive unusable samples is an error, not an endless loop
 
@@ -110,10 +109,18 @@ class _ImageTextStream(IterableDataset):
         self.p = loader._params
         self.counters = loader._counters
         self.state = loader._state
+        self.dead: set[str] = set()  # shards this worker could not open (after retries): not tried again
 
     def _read(self, urls, max_empty: int | None) -> Iterator[dict]:
-        empty = 0
+        """Samples of `urls` in order; a shard that fails is skipped (counted, logged). With `max_empty`,
+        stop with a JobError once that many shards in a row, or every shard of the spec, gave nothing."""
+        empty, failed, ever = 0, set(), False
+        every = {u for urls, _ in self.p["sources"] for u in urls}
         for url in urls:
+            if url in self.dead:
+                if self.dead >= every:
+                    raise self._none_readable(len(every), url)
+                continue
             got = 0
             try:
                 for sample in iter_shard_samples(url, self.p["retries"], self.p["retry_delay"]):
@@ -121,12 +128,28 @@ class _ImageTextStream(IterableDataset):
                     yield sample
             except ShardError as exc:
                 self.counters.add(exc.reason)
-                log.error("skipping rest of shard (%s)", exc)
+                failed.add(url)
+                attempts = ""
+                if exc.reason == "unreadable_shard":
+                    self.dead.add(url)
+                    attempts = f" after {self.p['retries']} attempts (not retried again by this worker)"
+                log.error("skipping shard%s: %s", attempts, exc)
+            ever = ever or got > 0
             empty = 0 if got else empty + 1
-            if max_empty is not None and empty >= max_empty:
-                raise RuntimeError(
-                    f"{empty} consecutive shards gave no samples (last: {url}); check the shard spec"
+            if max_empty is None:
+                continue
+            if not ever and failed >= every:
+                raise self._none_readable(len(every), url)
+            if empty >= max_empty:
+                raise JobError(
+                    f"{empty} shards in a row gave no samples (last: {url}); check data.train_shards"
                 )
+
+    def _none_readable(self, n: int, last: str) -> JobError:
+        return JobError(
+            f"no shard of the {n} in the spec can be read (each tried {self.p['retries']} times; last: "
+            f"{last}); check data.train_shards and access to it"
+        )
 
     def _raw_samples(self, worker: int, num_workers: int, epoch: int, start_step: int) -> Iterator[dict]:
         p = self.p
@@ -204,7 +227,7 @@ class _ImageTextStream(IterableDataset):
             item = self._prepare(next(samples), **kw)
             if item is not None:
                 return item
-        raise RuntimeError(
+        raise JobError(
             f"{_MAX_BAD_IN_A_ROW} unusable samples in a row (skipped so far: {self.counters.as_dict()}); "
             "check the shards' image/caption fields and decoders"
         )
@@ -295,6 +318,7 @@ class ImageTextLoader:
             retry_delay=retry_delay,
         )
         self._counters = SkipCounters()
+        self._used = 0  # samples yielded to the caller (main process) since creation
         self._state = mp.Array("q", 2, lock=False)  # epoch, start_step: read by workers at each epoch
         self.set_epoch(epoch, start_step)
         self._loader = DataLoader(
@@ -325,12 +349,18 @@ class ImageTextLoader:
             batch = next(it, None)
             if batch is None:
                 raise RuntimeError("data loader workers stopped before the epoch's batch count (bug)")
+            self._used += len(batch[0])
             yield batch
         self.set_epoch(self.epoch + 1)
 
     def skipped(self) -> dict[str, int]:
         """Skipped samples/shards per reason on this rank, summed over its workers, since creation."""
         return self._counters.as_dict()
+
+    def sample_counts(self) -> dict[str, int]:
+        """{"used": samples yielded on this rank, "skipped": unusable samples skipped by its workers}."""
+        counts = self._counters.as_dict()
+        return {"used": self._used, "skipped": sum(counts[k] for k in SAMPLE_SKIP_REASONS)}
 
 
 def make_image_text_loader(shards, preprocess, tokenizer, batch_size, **kwargs) -> ImageTextLoader:

@@ -10,7 +10,10 @@
   teacher (or with only the contrastive weight) this is plain CLIP pre-training.
 - Loader protocol (mope_dist.data.ImageTextLoader): `len(loader)` batches per epoch on every rank,
   `loader.set_epoch(epoch, start_step)` then `iter(loader)` yields the epoch's remaining
-  (images, tokens) batches; optional `loader.skipped() -> {reason: count}`.
+  (images, tokens) batches; optional `loader.skipped() -> {reason: count}` (summed over ranks into
+  data/skipped/<reason>; each rank also logs its own counts when they grow) and
+  `loader.sample_counts() -> {"used", "skipped"}`: when the skipped fraction of all samples read (all
+  ranks, since start) passes `max_skip_rate` at a log step, training stops with a JobError.
 - Non-finite loss or gradients (any rank): the optimizer step is skipped (a non-finite loss makes
   non-finite gradients; DeepSpeed's overflow check catches them under ZeRO 1-3, bf16 and fp16, our own
   gradient-norm check under ZeRO-0 fp32), so the loop never waits on the GPU for a per-batch loss
@@ -34,7 +37,8 @@ import torch
 import torch.distributed as tdist
 
 from mope_dist import dist
-from mope_dist.distill.checkpoint import CheckpointManager, Mirror
+from mope_dist.dist import JobError
+from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
 from mope_dist.distill.losses import CLIPOutputs, DistillLoss, layer_map
 from mope_dist.distill.metrics import MetricsLog, format_line
 from mope_dist.distill.optim import build_ds_config, lr_at, make_optimizer, set_lr
@@ -75,6 +79,7 @@ class TrainArgs:
     save_every: int = 0  # 0: save only at the end
     keep_checkpoints: int = 2
     max_consecutive_skips: int = 10
+    max_skip_rate: float = 1.0  # stop when more than this fraction of the samples read was unusable
     mirror_url: str | None = None  # fsspec URL; checkpoints and logs are copied there in the background
     resume: bool = True
 
@@ -226,9 +231,17 @@ def _window_metrics(
     m = {k: v / world for k, v in _reduce_sum(local, device).items()}
     skipped = loader.skipped() if hasattr(loader, "skipped") else {}
     if skipped:
+        if skipped != window.get("skipped_logged", {}) and any(skipped.values()):
+            nonzero = {k: v for k, v in skipped.items() if v}
+            log.warning(f"data: skipped on this rank so far: {nonzero}")  # per rank (tagged lines)
+        window["skipped_logged"] = skipped
         counts = _reduce_sum({f"data/skipped/{k}": v for k, v in skipped.items()}, device)
         m.update(counts)
         m["data/skipped_samples"] = sum(counts.values())
+    if hasattr(loader, "sample_counts"):
+        c = loader.sample_counts()
+        totals = _reduce_sum({"used": c["used"], "skipped": c["skipped"]}, device)
+        m["data/used_samples"], m["data/unusable_samples"] = totals["used"], totals["skipped"]
     samples_per_s = window["steps"] * global_batch / elapsed
     m["perf/samples_per_s"] = samples_per_s
     m["perf/samples_per_s_per_device"] = samples_per_s / world
@@ -313,6 +326,7 @@ def train(
         sums: dict = {}  # loss terms summed over the log window's micro-batches
         window = {"micro": 0, "steps": 0, "data_wait": 0.0, "t0": time.perf_counter()}
         last_saved = state.step if tag is not None else -1
+        dist.note_progress(step=state.step, checkpoint=str(ckpt.dir / tag) if tag else "none")
 
         while state.step < args.total_steps:
             set_lr(
@@ -373,6 +387,7 @@ def train(
             state.consecutive_skips = 0
             state.samples_seen += global_batch
             window["steps"] += 1
+            dist.note_progress(step=state.step)
 
             if state.step % args.log_every == 0 or state.step == args.total_steps:
                 elapsed = time.perf_counter() - window["t0"]
@@ -390,8 +405,15 @@ def train(
                 )
                 if main:
                     metrics.write(state.step, m, format_line(state.step, args.total_steps, m))
+                _check_skip_rate(m, args, ckpt)  # the same summed counts on every rank
                 sums = {}
-                window = {"micro": 0, "steps": 0, "data_wait": 0.0, "t0": time.perf_counter()}
+                window = {
+                    "micro": 0,
+                    "steps": 0,
+                    "data_wait": 0.0,
+                    "t0": time.perf_counter(),
+                    "skipped_logged": window.get("skipped_logged", {}),
+                }
 
             if evaluate is not None and (
                 (args.eval_every and state.step % args.eval_every == 0) or state.step == args.total_steps
@@ -407,6 +429,7 @@ def train(
                 if state.step != last_saved:
                     ckpt.save(engine, state.step, {"train_state": asdict(state)})
                     last_saved = state.step
+                    dist.note_progress(checkpoint=str(ckpt.dir / step_tag(state.step)))
                     if mirror is not None:
                         mirror.sync(["metrics.jsonl", "tensorboard"])
                 window["t0"] = time.perf_counter()
@@ -419,9 +442,22 @@ def train(
     return TrainResult(engine, state, last_eval)
 
 
+def _check_skip_rate(m: dict, args: TrainArgs, ckpt: CheckpointManager) -> None:
+    used, bad = m.get("data/used_samples", 0), m.get("data/unusable_samples", 0)
+    if used + bad == 0 or bad / (used + bad) <= args.max_skip_rate:
+        return
+    reasons = {k.rsplit("/", 1)[1]: int(v) for k, v in m.items() if k.startswith("data/skipped/") and v}
+    raise JobError(
+        f"{bad:.0f} of the {used + bad:.0f} samples read so far were unusable ({bad / (used + bad):.1%}, "
+        f"more than data.max_skip_rate={args.max_skip_rate:g}; skipped by reason: {reasons}): stopping. "
+        f"The last checkpoint ({ckpt.latest() or 'none'} in {ckpt.dir}) is intact; check the shards or "
+        "raise data.max_skip_rate, then rerun."
+    )
+
+
 def _check_skips(state: TrainState, args: TrainArgs, ckpt: CheckpointManager) -> None:
     if state.consecutive_skips >= args.max_consecutive_skips:
-        raise RuntimeError(
+        raise JobError(
             f"{state.consecutive_skips} consecutive non-finite losses/gradients after step {state.step}: stopping. "
             f"The last good checkpoint ({ckpt.latest() or 'none'} in {ckpt.dir}) is intact; lower the LR, "
             "enable gradient clipping or check the data, then resume."
