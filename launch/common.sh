@@ -36,5 +36,6 @@ fi
 PYTHON=${PYTHON:-python}
 deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
 
-# Bad configuration stops here with one line and exit 2, before any process is launched.
-"$PYTHON" -m mope_dist.config "$@"
+# Bad configuration, an output dir of another run, an unusable ImageFolder proxy/eval set: one line
+# and exit 2 here, before any process is launched (mope_dist/preflight.py).
+"$PYTHON" -m mope_dist.preflight "$@"

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 from mope_dist import dist
 from mope_dist.config import Config, ConfigError, EvalConfig, ProxyConfig, save_config, validate_targets
@@ -30,11 +29,10 @@ from mope_dist.mope.engine import score_mope
 from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, class_text_tokens
 from mope_dist.mope.report import ScoreResult, write_scores
 from mope_dist.mope.units import enumerate_units
+from mope_dist.preflight import ARTIFACT_SECTIONS, run_dir_problem
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.jobs")
-
-ARTIFACT_SECTIONS = ("teacher", "mope", "prune")
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -44,15 +42,14 @@ def prepare_run_dir(cfg: Config) -> Path:
     error = None
     if dist.is_main():
         try:
+            problem = run_dir_problem(cfg)
+            if problem:
+                raise ConfigError(problem)
             if previous_path.exists() and not cfg.output.overwrite:
+                import yaml
+
                 previous = yaml.safe_load(previous_path.read_text()) or {}
                 current = cfg.to_dict()
-                changed = [s for s in ARTIFACT_SECTIONS if previous.get(s) != current[s]]
-                if changed:
-                    raise ConfigError(
-                        f"output.dir {out} holds a run with different {', '.join(changed)} settings: "
-                        "use a new output.dir or set output.overwrite=true"
-                    )
                 others = [k for k in current if k not in ARTIFACT_SECTIONS and previous.get(k) != current[k]]
                 if others:
                     log.warning("resuming %s with changed settings: %s", out, ", ".join(others))
@@ -135,12 +132,21 @@ def train_args(cfg: Config, world_size: int, distill: bool = True) -> TrainArgs:
         save_every=d.ckpt_every,
         keep_checkpoints=d.keep_checkpoints,
         max_consecutive_skips=d.max_nonfinite_steps,
+        max_skip_rate=cfg.data.max_skip_rate,
         mirror_url=cfg.output.sync_url,
     )
 
 
 def build_proxy(section: ProxyConfig, preprocess, tokenizer) -> ClassificationProxy | RetrievalProxy:
-    """The whole proxy set in memory on every rank (the scorer shards its batches over ranks)."""
+    """The whole proxy set in memory on every rank (the scorer shards its batches over ranks).
+    An unusable set (no images, class names that do not fit) is a ConfigError naming mope.proxy."""
+    try:
+        return _build_proxy(section, preprocess, tokenizer)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"mope.proxy ({section.data}): {e}") from e
+
+
+def _build_proxy(section: ProxyConfig, preprocess, tokenizer) -> ClassificationProxy | RetrievalProxy:
     if section.kind == "retrieval":
         images, texts, text_to_image = load_retrieval_set(section.data, preprocess, tokenizer)
         return RetrievalProxy(images, texts, text_to_image)
@@ -191,17 +197,21 @@ def score_units(
 
 
 def zeroshot_evaluator(section: EvalConfig, preprocess, tokenizer, device):
-    """`evaluate(model) -> {top1, top5}` on this rank's part of the eval set; collective on every rank."""
-    classnames = load_classnames(section.classnames)
-    templates = load_templates(section.templates)
-    loader = make_labelled_loader(
-        section.data,
-        preprocess,
-        section.batch_size,
-        max_per_class=section.max_per_class,
-        num_workers=section.workers,
-        classnames=classnames,
-    )
+    """`evaluate(model) -> {top1, top5}` on this rank's part of the eval set; collective on every rank.
+    An unusable set is a ConfigError naming eval.data, raised here (before training)."""
+    try:
+        classnames = load_classnames(section.classnames)
+        templates = load_templates(section.templates)
+        loader = make_labelled_loader(
+            section.data,
+            preprocess,
+            section.batch_size,
+            max_per_class=section.max_per_class,
+            num_workers=section.workers,
+            classnames=classnames,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"eval ({section.data}): {e}") from e
 
     def evaluate(model) -> dict:
         classifier = build_classifier(model, classnames, templates, tokenizer, device)

@@ -3,6 +3,10 @@
 Everything that changes the embeddings is carried over (activation, layer scale, ln_pre, pooling, final
 LN placement, causal mask, projection type, norm eps); features open_clip has but this model does not
 reproduce raise ValueError instead of silently producing different embeddings.
+
+Weights that cannot be loaded into the named model (another architecture, a damaged or non-checkpoint
+file, an unknown pretrained tag) raise a one-line ConfigError naming both, before any other work.
+Weight files are read by open_clip with safetensors or torch.load(weights_only=True): never pickle.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import open_clip
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
+from ..config import ConfigError
 from .clip import PrunableCLIP, build_on_meta
 from .io import get_tokenizer, is_model_dir, load_model, transforms
 from .spec import CLIPSpec, TextSpec, VisionSpec
@@ -229,7 +234,23 @@ def from_open_clip(model_or_name: nn.Module | str, pretrained: str | None = None
     if isinstance(model_or_name, nn.Module):
         return convert_open_clip_module(model_or_name)
     name = model_or_name
-    oc_model = open_clip.create_model(name, pretrained=pretrained, device="cpu", precision="fp32")
+    if pretrained and name.startswith("local-dir:"):
+        raise ConfigError(
+            f"teacher.pretrained={pretrained!r} would be ignored by open_clip for {name!r} (a local-dir: "
+            "model loads only the weights inside its directory, e.g. open_clip_model.safetensors)"
+        )
+    try:
+        oc_model = open_clip.create_model(name, pretrained=pretrained, device="cpu", precision="fp32")
+    except Exception as e:
+        if not pretrained:
+            raise
+        lines = str(e).strip().splitlines()
+        detail = next((line.strip() for line in lines[1:] if line.strip()), "") if len(lines) > 1 else ""
+        first = f"{lines[0]} {detail}".strip() if lines else ""
+        raise ConfigError(
+            f"teacher weights {pretrained!r} cannot be loaded into open_clip model {name!r}: "
+            f"{type(e).__name__}: {first[:300]}"
+        ) from e
     info = _tokenizer_info(name, oc_model.context_length)
     return convert_open_clip_module(oc_model.eval(), info)
 
@@ -237,5 +258,19 @@ def from_open_clip(model_or_name: nn.Module | str, pretrained: str | None = None
 def load_teacher(name: str, pretrained: str | None = None):
     """-> (PrunableCLIP, preprocess_train, preprocess_val, tokenizer) for an open_clip name/`local-dir:`,
     or a mope-dist model directory (a pruned student can be the next stage's teacher)."""
-    model = load_model(name) if is_model_dir(name) else from_open_clip(name, pretrained)
+    if is_model_dir(name):
+        if pretrained:
+            raise ConfigError(
+                f"teacher.pretrained={pretrained!r} makes no sense for the mope-dist model directory "
+                f"{name} (its weights are its model.safetensors)"
+            )
+        try:
+            model = load_model(name)
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ConfigError(
+                f"teacher.name: model directory {name} cannot be loaded ({type(e).__name__}: {first})"
+            ) from e
+    else:
+        model = from_open_clip(name, pretrained)
     return model, *transforms(model), get_tokenizer(model)

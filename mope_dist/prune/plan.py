@@ -5,6 +5,9 @@ tower: an int is an absolute count (layers kept, heads per layer, MLP width per 
 (0, 1] a keep-ratio, None keeps everything. `uniform` keeps the same count in every kept layer;
 `global` ranks heads (and neuron groups) across the kept layers under the same total budget, and
 still keeps at least one head and one neuron group per layer.
+
+`check_plan` refuses a plan (computed, or a plan.json edited by hand) that keeps no layer of a tower,
+or no head or no MLP neuron of a kept layer, with a one-line ConfigError before any slicing.
 """
 
 from __future__ import annotations
@@ -110,6 +113,24 @@ def _allocate(units: list[dict], budget: dict[int, int], allocation: str, size) 
     return chosen
 
 
+def check_plan(keep: KeepSpec, spec) -> None:
+    """ConfigError unless every tower keeps a layer and every kept layer keeps a head and a neuron."""
+    for tower in TOWERS:
+        t = getattr(keep, tower)
+        if t is None:
+            continue
+        if not t.layers:
+            raise ConfigError(f"plan for the {tower} tower keeps no layer (prune.{tower}.layers)")
+        num_layers = getattr(spec, tower).num_layers
+        for what, units in (("head", t.heads), ("MLP neuron", t.mlp)):
+            for layer, kept in units.items():
+                if layer in t.layers and not kept:
+                    raise ConfigError(
+                        f"plan removes every {what} of {tower} layer {layer} (of {num_layers}); keep at "
+                        f"least one, or remove the whole layer (prune.{tower}.layers)"
+                    )
+
+
 def make_plan(
     spec, scores: list[dict], targets: dict[str, TowerTarget], allocation: str = "uniform"
 ) -> KeepSpec:
@@ -125,4 +146,6 @@ def make_plan(
             allocation,
             tower,
         )
-    return KeepSpec(**towers)
+    keep = KeepSpec(**towers)
+    check_plan(keep, spec)
+    return keep
