@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     scores_path = out / "scores" / "scores.json"
-    if scores_path.exists():
+    # decided once for every rank: a rank that looked later could see the file another rank has just
+    # written, skip the phase (and its collectives) the others are in, and desynchronise the job
+    have_scores, have_pruned = dist.broadcast_object((scores_path.exists(), (out / "pruned").exists()))
+    if have_scores:
         log.info("scores: reusing %s", scores_path)
     else:
         tb = SummaryWriter(out / "tensorboard") if info.is_main else None
@@ -70,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         if tb is not None:
             tb.close()
 
-    if (out / "pruned").exists():
+    if have_pruned:
         log.info("prune: reusing %s", out / "pruned")
     else:
         prune_phase(cfg, teacher, scores_path, out)
