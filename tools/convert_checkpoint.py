@@ -7,11 +7,12 @@ architecture comes from RUN_DIR/pruned/config.json (override with --student-conf
 checkpoints/<tag>/ (default: the tag named in checkpoints/latest). A tag the trainer did not mark
 complete (mope_complete.json: a save that broke off) is refused. No process group is started.
 
-ZeRO 1-3: DeepSpeed's own zero_to_fp32 merges the fp32 master partitions. Those optimizer shards hold
-DeepSpeed objects (loss scaler, ...) that only load with pickle, as DeepSpeed itself does: convert only
-checkpoints you trust. ZeRO stage 0 has no optimizer shards: its weights are the module state in
-mp_rank_00_model_states.pt, read with torch.load(weights_only=True); a stage-0 bf16/fp16 run therefore
-exports the bf16/fp16 working weights (upcast exactly when --dtype fp32).
+ZeRO 1-3: DeepSpeed's own zero_to_fp32 merges the fp32 master partitions; it reads the optimizer
+shards with torch.load(weights_only=True) here (mope_dist.distill.checkpoint.weights_only_loading: only
+the few DeepSpeed classes those files hold are allowed), never with pickle. ZeRO stage 0 has no
+optimizer shards: its weights are the module state in mp_rank_00_model_states.pt, read with
+torch.load(weights_only=True); a stage-0 bf16/fp16 run therefore exports the bf16/fp16 working weights
+(upcast exactly when --dtype fp32).
 
 The output (model.safetensors + config.json) is written atomically, loaded back and compared tensor by
 tensor with the checkpoint. One JSON summary line goes to stdout; errors are one line and exit code 2.
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from mope_dist.distill.checkpoint import MARKER, is_complete
+from mope_dist.distill.checkpoint import MARKER, is_complete, weights_only_loading
 from mope_dist.model import CLIPSpec, count_params, load_model, save_pretrained
 from mope_dist.model.clip import build_on_meta
 from mope_dist.model.io import read_config
@@ -94,7 +95,8 @@ def read_checkpoint(tag_dir: Path) -> tuple[dict[str, torch.Tensor], int | None,
     if any(tag_dir.glob("*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; stdout carries the summary
+        # DeepSpeed prints progress; stdout carries the summary
+        with contextlib.redirect_stdout(sys.stderr), weights_only_loading():
             state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name)
         model_file = next(iter(sorted(tag_dir.glob("*_model_states.pt"))))
         try:
