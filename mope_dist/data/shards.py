@@ -7,9 +7,10 @@ Shard spec syntax (a string, or a list of such strings whose sources are concate
 
 A PATTERN is a local path (a directory stands for the sorted `*.tar` inside it), an fsspec URL
 (`s3://`, `gs://`, `file://`, `memory://`, `http://` ...) or `pipe:COMMAND` (the command writes the tar
-to stdout, e.g. `pipe:aws s3 cp s3://bucket/{0..9}.tar -`). `@WEIGHT` (default 1) is open_clip's
-upsampling factor: in resampled mode it multiplies the draw probability of *each shard* of that source,
-so with all weights 1 every shard is equally likely. fsspec's own `::` URL chaining
+to stdout, e.g. `pipe:aws s3 cp s3://bucket/{0..9}.tar -`). A `pipe:` command is run by the shell
+(`sh -c`) with the job's permissions, on every rank: only use shard specs you trust. `@WEIGHT` (default
+1) is open_clip's upsampling factor: in resampled mode it multiplies the draw probability of *each
+shard* of that source, so with all weights 1 every shard is equally likely. fsspec's own `::` URL chaining
 (`simplecache::s3://...`) therefore cannot be written in a spec.
 """
 
