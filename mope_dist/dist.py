@@ -202,6 +202,8 @@ def _excepthook(exc_type, exc, tb) -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
+    if os.getpid() != _handler_pid:  # a forked DataLoader worker: its rank says it once
+        os._exit(128 + signal.SIGTERM)
     print(
         f"{_rank_tag()}received SIGTERM (the launcher stops every rank when one fails; a scheduler "
         "preempts this way): exiting; rerun the same command to resume from the latest complete checkpoint",
@@ -214,7 +216,9 @@ def _on_sigterm(signum, frame) -> None:
 
 def install_failure_handlers() -> None:
     """The excepthook and SIGTERM handler described in the module docstring (idempotent)."""
+    global _handler_pid
     sys.excepthook = _excepthook
+    _handler_pid = os.getpid()
     if "RANK" in os.environ and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None, _on_sigterm):
         try:
             signal.signal(signal.SIGTERM, _on_sigterm)
@@ -243,6 +247,7 @@ def agree_on_error(error: str | None) -> tuple[str, list[int]] | None:
 
 
 _progress: dict = {}
+_handler_pid = -1
 
 
 def note_progress(**fields) -> None:
