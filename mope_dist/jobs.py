@@ -8,13 +8,22 @@ prune) must match an existing run's; training settings may change between restar
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
 import torch
 
 from mope_dist import dist
-from mope_dist.config import Config, ConfigError, EvalConfig, ProxyConfig, save_config, validate_targets
+from mope_dist.config import (
+    Config,
+    ConfigError,
+    EvalConfig,
+    ProxyConfig,
+    TowerTarget,
+    save_config,
+    validate_targets,
+)
 from mope_dist.data import (
     load_classnames,
     load_retrieval_set,
@@ -22,15 +31,18 @@ from mope_dist.data import (
     make_image_text_loader,
     make_labelled_loader,
 )
-from mope_dist.distill.trainer import TrainArgs
+from mope_dist.distill.trainer import TrainArgs, TrainState, export_student, train
+from mope_dist.eval.retrieval import evaluate_retrieval
 from mope_dist.eval.zeroshot import build_classifier, evaluate_zeroshot
+from mope_dist.model import format_counts_table, save_pretrained, slice_model
 from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor
 from mope_dist.mope.engine import score_mope
 from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, class_text_tokens
-from mope_dist.mope.report import ScoreResult, write_scores
+from mope_dist.mope.report import ScoreResult, read_scores, write_scores
 from mope_dist.mope.units import enumerate_units
 from mope_dist.preflight import ARTIFACT_SECTIONS, run_dir_problem
-from mope_dist.utils import get_logger
+from mope_dist.prune.plan import make_plan
+from mope_dist.utils import atomic_write_json, get_logger
 
 log = get_logger("mope_dist.jobs")
 
@@ -166,11 +178,12 @@ def _build_proxy(section: ProxyConfig, preprocess, tokenizer) -> ClassificationP
 
 
 def score_units(
-    cfg: Config, model, preprocess, tokenizer, device, out_dir: Path, kinds=None, tb_writer=None
+    cfg: Config, model, preprocess, tokenizer, device, out_dir: Path, kinds=None, towers=None, tb_writer=None
 ) -> ScoreResult:
-    """Score the configured units of `model` with `cfg.mope.method`; rank 0 writes scores.json and heatmaps."""
+    """Score the units of `model` (`towers`/`kinds` default to cfg.mope's) with `cfg.mope.method`;
+    rank 0 writes scores.json and heatmaps."""
     m = cfg.mope
-    units = enumerate_units(model, m.towers, kinds or m.kinds, m.neuron_groups)
+    units = enumerate_units(model, towers or m.towers, kinds or m.kinds, m.neuron_groups)
     if m.method == "magnitude":
         result = score_magnitude(model, units)
     elif m.method == "random":
@@ -219,3 +232,88 @@ def zeroshot_evaluator(section: EvalConfig, preprocess, tokenizer, device):
         return {"top1": result["top1"], "top5": result["top5"]}
 
     return evaluate
+
+
+def prune_phase(
+    cfg: Config,
+    model,
+    scores_path: Path,
+    out: Path,
+    targets: dict[str, TowerTarget] | None = None,
+    provenance: dict | None = None,
+    names: tuple[str, str] = ("teacher", "pruned"),
+) -> None:
+    """plan.json + pruned/ from the scores of `model` (rank 0 writes; the others wait).
+
+    `targets` per tower default to cfg.prune's; `provenance` is added to pruned/config.json's. A plan
+    the scores cannot satisfy is a ConfigError on every rank (not rank 0 failing while the rest wait)."""
+    error = None
+    if dist.is_main():
+        try:
+            result = read_scores(scores_path)
+            targets = targets or {"vision": cfg.prune.vision, "text": cfg.prune.text}
+            keep = make_plan(model.spec, result.to_dict()["units"], targets, cfg.prune.allocation)
+        except ConfigError as e:
+            error = str(e)
+        else:
+            student = slice_model(model, keep)
+            plan = {"method": result.method, "allocation": cfg.prune.allocation, "keep": keep.to_dict()}
+            atomic_write_json(out / "plan.json", plan)
+            provenance = {
+                "teacher": cfg.teacher.name,
+                "pretrained": cfg.teacher.pretrained,
+                **(provenance or {}),
+                "plan": plan,
+            }
+            save_pretrained(student, out / "pruned", provenance=provenance)
+            print(format_counts_table(model, student, names=names), flush=True)
+    agreed = dist.agree_on_error(error)  # collective: also the barrier the other ranks wait at
+    if agreed:
+        raise ConfigError(agreed[0])
+
+
+def retrieval_evaluator(shards: str, preprocess, tokenizer, device, batch_size: int):
+    """`evaluate(model) -> {i2t_R@k, t2i_R@k, mean_recall}` on a retrieval set loaded once; collective."""
+    data = load_retrieval_set(shards, preprocess, tokenizer)
+
+    def evaluate(model) -> dict:
+        result = evaluate_retrieval(model, *data, device, batch_size=batch_size)
+        return {k: v for k, v in result.items() if "R@" in k or k == "mean_recall"}
+
+    return evaluate
+
+
+def release_engine(engine) -> None:
+    """Undo what a finished DeepSpeed engine leaves behind in the process (collect garbage afterwards).
+
+    `engine.destroy()` removes ZeRO's hooks and buffers, but ZeRO-3 also keeps the module, and through
+    its hooks the engine and the optimizer state, in two process-wide places: the forward-module stack
+    and an lru_cache on a parameter-coordinator method (DeepSpeed 0.19)."""
+    from deepspeed.runtime.zero import parameter_offload, partitioned_param_coordinator
+
+    module = engine.module
+    engine.destroy()
+    stack = parameter_offload.FWD_MODULE_STACK
+    stack[:] = [m for m in stack if m is not module]
+    for fn in vars(partitioned_param_coordinator.PartitionedParameterCoordinator).values():
+        for cell in getattr(fn, "__closure__", None) or ():  # the cache sits under an NVTX wrapper
+            if hasattr(cell.cell_contents, "cache_clear"):
+                cell.cell_contents.cache_clear()
+
+
+def train_and_export(
+    student, teacher, loader, args: TrainArgs, out: Path, info, evaluate=None, provenance: dict | None = None
+) -> TrainState:
+    """train() into `out`, export out/final, then free the engine, so that several trainings can run
+    one after another in one process (pass models nobody else holds, or they stay alive)."""
+    result = train(student, teacher, loader, args, out, info, evaluate=evaluate)
+    export_student(
+        result.engine, out / "final", provenance={**(provenance or {}), "steps": result.state.step}
+    )
+    release_engine(result.engine)
+    state = result.state
+    del result, student, teacher
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return state

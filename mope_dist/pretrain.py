@@ -9,43 +9,25 @@ the latest complete checkpoint, so rerunning the same command after a preemption
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from torch.utils.tensorboard import SummaryWriter
 
 from mope_dist import dist
-from mope_dist.config import Config, config_from_argv
+from mope_dist.config import config_from_argv
 from mope_dist.distill.trainer import export_student, train
 from mope_dist.jobs import (
     check_targets,
     prepare_run_dir,
+    prune_phase,
     score_units,
     train_args,
     train_loader,
     zeroshot_evaluator,
 )
-from mope_dist.model import format_counts_table, load_model, load_teacher, save_pretrained, slice_model
-from mope_dist.mope.report import read_scores
-from mope_dist.prune.plan import make_plan
-from mope_dist.utils import atomic_write_json, get_logger
+from mope_dist.model import load_model, load_teacher
+from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.pretrain")
-
-
-def prune_phase(cfg: Config, teacher, scores_path: Path, out: Path) -> None:
-    """plan.json + pruned/ from the scores (rank 0 writes; the others wait)."""
-    if dist.is_main():
-        result = read_scores(scores_path)
-        records = result.to_dict()["units"]
-        targets = {"vision": cfg.prune.vision, "text": cfg.prune.text}
-        keep = make_plan(teacher.spec, records, targets, cfg.prune.allocation)
-        student = slice_model(teacher, keep)
-        plan = {"method": result.method, "allocation": cfg.prune.allocation, "keep": keep.to_dict()}
-        atomic_write_json(out / "plan.json", plan)
-        provenance = {"teacher": cfg.teacher.name, "pretrained": cfg.teacher.pretrained, "plan": plan}
-        save_pretrained(student, out / "pruned", provenance=provenance)
-        print(format_counts_table(teacher, student, names=("teacher", "pruned")), flush=True)
-    dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> None:
