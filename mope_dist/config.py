@@ -150,6 +150,27 @@ class EvalConfig:
     workers: int = 2
 
 
+FINETUNE_STAGES = ("width", "depth", "width+depth")
+
+
+@dataclass
+class FinetuneConfig:
+    """Fine-tuning-stage compression (mope_dist.finetune): a task teacher, then pruning stages in order."""
+
+    # Each stage scores, prunes and distills the previous stage's student: "width" applies the
+    # prune.*.heads/mlp targets, "depth" the prune.*.layers targets, "width+depth" all at once.
+    stages: list[str] = field(default_factory=lambda: ["width", "depth"])
+    # Contrastive fine-tuning steps of the full teacher on data.train_shards before compressing it
+    # (0: teacher.name is already fine-tuned for the task).
+    teacher_steps: int = 0
+    # LR of that fine-tuning (null: distill.lr); a pre-trained CLIP wants a much smaller one.
+    teacher_lr: float | None = None
+    # Held-out retrieval pairs (image-text shards) for R@1/5/10 of the teacher and every student;
+    # keep them apart from mope.proxy.data, which chose what to prune.
+    eval_data: str = ""
+    eval_batch_size: int = 256
+
+
 @dataclass
 class OutputConfig:
     dir: str = "runs/default"
@@ -168,6 +189,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     # Collective timeout: a dead peer becomes an error after this long instead of a hang.
     dist_timeout_s: float = 600.0
@@ -301,7 +323,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     def fail(key: str, message: str):
         raise ConfigError(f"{key} in {_source_of(sources, key)}: {message}")
 
-    for key in ("data.train_shards", "mope.proxy.data", "eval.data"):
+    for key in ("data.train_shards", "mope.proxy.data", "eval.data", "finetune.eval_data"):
         value = _get(cfg, key)
         if (
             value
@@ -334,6 +356,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         "mope.candidates_per_forward": cfg.mope.candidates_per_forward,
         "mope.proxy.batch_size": cfg.mope.proxy.batch_size,
         "eval.batch_size": cfg.eval.batch_size,
+        "finetune.eval_batch_size": cfg.finetune.eval_batch_size,
         "dist_timeout_s": cfg.dist_timeout_s,
     }
     for key, value in positive.items():
@@ -344,6 +367,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         "eval.workers": cfg.eval.workers,
         "distill.warmup_steps": cfg.distill.warmup_steps,
         "distill.eval_every": cfg.distill.eval_every,
+        "finetune.teacher_steps": cfg.finetune.teacher_steps,
     }.items():
         if value < 0:
             fail(key, f"must be >= 0, got {value}")
@@ -365,6 +389,13 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     for name, value in dataclasses.asdict(cfg.distill.losses).items():
         if value < 0:
             fail(f"distill.losses.{name}", f"must be >= 0, got {value}")
+    if cfg.finetune.teacher_lr is not None and cfg.finetune.teacher_lr <= 0:
+        fail("finetune.teacher_lr", f"must be positive, got {cfg.finetune.teacher_lr}")
+    if not cfg.finetune.stages:
+        fail("finetune.stages", "needs at least one stage")
+    for i, stage in enumerate(cfg.finetune.stages):
+        if stage not in FINETUNE_STAGES:
+            fail(f"finetune.stages[{i}]", f"must be one of {', '.join(FINETUNE_STAGES)}, got {stage!r}")
     for i, tower in enumerate(cfg.mope.towers):
         if tower not in ("vision", "text"):
             fail(f"mope.towers[{i}]", f"must be 'vision' or 'text', got {tower!r}")
