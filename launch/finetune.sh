@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Fine-tuning-stage compression: task teacher, then width / depth pruning + distillation in the
+# stage order finetune.stages gives, then retrieval recall of every model (summary.md).
+#   bash launch/finetune.sh CONFIG.yaml [section.key=value ...]
+# Launcher settings come from the environment; see launch/common.sh.
+source "$(dirname "$0")/common.sh"
+exec "${deepspeed_cmd[@]}" "${launcher_args[@]}" --module mope_dist.finetune "$@"
