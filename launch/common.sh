@@ -24,6 +24,12 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
   fi
 fi
 
+# CPU ranks share the node's cores: more compute threads than cores makes every rank spin-wait.
+if [ "${DS_ACCELERATOR:-}" = "cpu" ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+  cores=$(nproc)
+  export OMP_NUM_THREADS=$(( cores / NPROC_PER_NODE > 0 ? cores / NPROC_PER_NODE : 1 ))
+fi
+
 launcher_args=(--master_port "${MASTER_PORT:-29500}" --no_local_rank)
 if [ -n "${HOSTFILE:-}" ]; then
   launcher_args+=(--hostfile "$HOSTFILE" --num_gpus "$NPROC_PER_NODE")
