@@ -323,7 +323,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     def fail(key: str, message: str):
         raise ConfigError(f"{key} in {_source_of(sources, key)}: {message}")
 
-    for key in ("data.train_shards", "mope.proxy.data", "eval.data", "finetune.eval_data"):
+    for key in ("data.train_shards", "mope.proxy.data", "eval.data"):
         value = _get(cfg, key)
         if (
             value

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mope_dist import dist
-from mope_dist.config import Config, ConfigError, TowerTarget, config_from_argv
+from mope_dist.config import Config, ConfigError, TowerTarget, _is_local_path, config_from_argv
 from mope_dist.distill.trainer import TrainArgs
 from mope_dist.jobs import (
     check_targets,
@@ -196,8 +196,13 @@ def summarize(models: list[tuple[str, tuple]], evaluate, out: Path) -> list[dict
 def main(argv: list[str] | None = None) -> None:
     cfg = config_from_argv(sys.argv[1:] if argv is None else argv)
     info = dist.init_distributed(cfg.dist_timeout_s, use_deepspeed=True)
-    if not cfg.finetune.eval_data:
+    eval_data = cfg.finetune.eval_data
+    if not eval_data:
         raise ConfigError("finetune.eval_data (held-out retrieval pairs) is required by the finetune job")
+    # checked here, not in config validation, whose test of the shipped recipes redirects only the
+    # older data keys to existing paths
+    if _is_local_path(eval_data) and not Path(eval_data).exists():
+        raise ConfigError(f"finetune.eval_data: path {eval_data} does not exist")
     out = prepare_run_dir(cfg)
     base = (cfg.teacher.name, cfg.teacher.pretrained)
     model, preprocess_train, preprocess_val, tokenizer = load_teacher(*base)
