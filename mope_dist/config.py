@@ -240,6 +240,11 @@ def _check_value(value: Any, tp: Any, key: str, source: str | dict[str, str]) ->
         return _build(tp, value, key, source)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key} in {_source_of(source, key)}: expected {_type_name(tp)}, got {value!r}")
     return value

@@ -26,7 +26,10 @@ def recipe(tmp_path):
 
 
 def test_loads_types_and_overrides(recipe):
-    cfg = load_config(recipe, ["distill.steps=7", "deepspeed.zero_stage=3", "distill.losses.kd=0.5"])
+    cfg = load_config(
+        recipe, ["distill.steps=7", "deepspeed.zero_stage=3", "distill.losses.kd=0.5", "distill.lr=1e-4"]
+    )
+    assert cfg.distill.lr == 1e-4  # YAML 1.1 reads 1e-4 as a string; floats accept it
     assert cfg.data.batch_size == 64
     assert cfg.distill.steps == 7 and cfg.deepspeed.zero_stage == 3
     assert cfg.distill.losses.kd == 0.5

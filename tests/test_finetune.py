@@ -247,11 +247,6 @@ def test_consecutive_trainings_free_their_engines(worker_run, scenario):
         assert rank["gc_enabled"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the trainer's HiddenRecorder keeps the last block outputs (graph nodes holding ZeRO-3's "
-    "modules) and its hooks after train(); fix in mope_dist/distill/trainer.py, then drop this mark",
-)
 def test_zero3_with_hidden_loss_frees_its_engine(worker_run):
     _, _, results = worker_run
     assert all(rank["zero3_hidden"]["freed"] == [True, True] for rank in results)

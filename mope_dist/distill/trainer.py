@@ -113,9 +113,17 @@ class HiddenRecorder:
     def __init__(self, model: torch.nn.Module):
         self.hidden: dict[str, list] = {"visual": [], "text": []}
         self.active = False
-        for tower in self.hidden:
-            for block in getattr(model, tower).blocks:
-                block.register_forward_hook(functools.partial(self._record, tower))
+        self.handles = [
+            block.register_forward_hook(functools.partial(self._record, tower))
+            for tower in self.hidden
+            for block in getattr(model, tower).blocks
+        ]
+
+    def close(self) -> None:
+        """Remove the hooks and drop the last outputs (graph nodes that would keep the engine alive)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.hidden = [], {"visual": [], "text": []}
 
     def _record(self, tower, module, args, output):
         if self.active:  # not during gradient-checkpoint recomputation in backward
@@ -434,6 +442,9 @@ def train(
                         mirror.sync(["metrics.jsonl", "tensorboard"])
                 window["t0"] = time.perf_counter()
     finally:
+        for recorder in (student_rec, teacher_rec):
+            if recorder is not None:
+                recorder.close()
         if metrics is not None:
             metrics.close()
         if mirror is not None:
