@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # model tests 4x slower (128 s vs 32 s). Subprocesses (launchers, DataLoader workers) are unaffected.
 torch.set_num_threads(int(os.environ.get("MOPE_TEST_THREADS", "1")))
 
+REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 32
 CONTEXT_LENGTH = 16
 VOCAB_SIZE = 49408  # open_clip's BPE vocabulary, so the real tokenizer works
@@ -105,3 +107,25 @@ def tiny_texts(n: int = 3, seed: int = 0) -> torch.Tensor:
 def tiny_clip():
     """Factory fixture: tiny_clip(**kw) -> tiny open_clip CLIP (see tiny_open_clip)."""
     return tiny_open_clip
+
+
+def free_port() -> int:
+    """A TCP port free right now on loopback, for MASTER_PORT of launched test jobs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(**extra) -> dict:
+    """Environment for launch/*.sh in tests: CPU, offline, this interpreter, the shared extension cache."""
+    env = dict(
+        os.environ,
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
+    )
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

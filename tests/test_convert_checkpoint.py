@@ -8,13 +8,13 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from mope_dist.model import load_model, save_pretrained
 
@@ -39,12 +39,6 @@ def tiny_student():
         text=TowerKeep(layers=[1, 2], heads={1: [3]}),
     )
     return slice_model(teacher, keep)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import hashlib
 import json
 import multiprocessing
 import os
-import socket
 
 import torch
 import torch.distributed as tdist
 import torch.multiprocessing as tmp
+from conftest import free_port
 from test_data import id_tokenizer, write_id_shards
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -67,17 +67,11 @@ def _rank_main(rank: int, world: int, port: int, root: str) -> None:
     tdist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_two_workers(tmp_path):
     write_id_shards(tmp_path / "even", [12] * 8)  # 96 = 2 ranks x 2 workers x 3 batches x 8
     write_id_shards(tmp_path / "uneven", [40, 3, 1, 2, 30, 2, 9, 1])  # 88 samples, lopsided
     write_labelled_set(tmp_path / "labelled", per_class=5)  # 24 classes x 3 kept = 72 over 2 ranks
-    tmp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    tmp.spawn(_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
 
     for epoch in range(2):

@@ -2,12 +2,12 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from mope_dist.distill.losses import CLIPOutputs, DistillLoss, layer_map
 
@@ -130,12 +130,6 @@ def test_zero_weight_skips_term_and_teacher():
         layer_map([0, 5], [0, 1, 2])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 KW = dict(
     contrastive=1.0, kd=0.7, embed=3.0, hidden=0.5, temperature=2.0, image_layers=[0, 1], text_layers=[1, 0]
 )
@@ -202,6 +196,6 @@ def _worker(rank, world, port, queue):
 def test_two_process_gathered_losses_match_global():
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, _free_port(), queue), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), queue), nprocs=2, start_method="spawn")
     results = dict(queue.get() for _ in range(2))
     assert results == {0: [], 1: []}

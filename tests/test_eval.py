@@ -6,7 +6,6 @@ Run as a script (under torchrun) this file is also the 2-process worker.
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file, save_file
 
 from mope_dist.eval import build_classifier, evaluate_retrieval, evaluate_zeroshot
@@ -153,12 +153,6 @@ def test_bf16_paths_run_close_to_fp32():
         ret = evaluate_retrieval(m, images, texts, text_to_image, "cpu", autocast=autocast)
         assert zs["n"] == N_IMAGES and abs(zs["top1"] - zs32["top1"]) <= 0.2
         assert abs(ret["mean_recall"] - ret32["mean_recall"]) <= 0.2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_ranks_equal_one(tmp_path):

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
-from conftest import tiny_open_clip, tiny_open_clip_cfg
+from conftest import free_port, tiny_open_clip, tiny_open_clip_cfg
 from torchvision.datasets import ImageFolder
 
 from mope_dist.data import load_retrieval_set
@@ -89,12 +88,6 @@ def test_zeroshot_matches_open_clip(setup, tmp_path, capsys):
         line = capsys.readouterr().out.strip().splitlines()[-1]
         assert json.loads(line) == got
     assert json.loads((tmp_path / "r.json").read_text())["data"] == str(root / "val")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_zeroshot_two_ranks_equal_one(setup, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS, HEADS, MLP = 3, 4, 256  # the tiny teacher, both towers
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

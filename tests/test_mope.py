@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_images, tiny_open_clip, tiny_texts  # noqa: E402
+from conftest import free_port, tiny_images, tiny_open_clip, tiny_texts  # noqa: E402
 
 from mope_dist.model import count_params, from_open_clip, load_model, save_pretrained, slice_model  # noqa: E402
 from mope_dist.mope import engine  # noqa: E402
@@ -137,12 +136,6 @@ def test_depth_scores_on_width_pruned_model(model):
     got = score_mope(pruned, layers, cls, batch_size=8, progress=False)
     ref = score_mope_naive(pruned, layers, cls, batch_size=16)
     assert got.counts == ref.counts and len(got.scores) == 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _score_both(model, cls, ret):

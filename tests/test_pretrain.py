@@ -3,35 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_open_clip
+from conftest import free_port, launcher_env, tiny_open_clip
 
 from mope_dist.data.synthetic import write_image_text_shards, write_labelled_set
 from mope_dist.model import KeepSpec, count_params, from_open_clip, load_model, save_pretrained, slice_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env(**extra) -> dict:
-    env = dict(
-        os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1"
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 @pytest.fixture(scope="module")

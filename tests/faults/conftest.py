@@ -8,35 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
+from conftest import free_port, launcher_env
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env(**extra) -> dict:
-    env = dict(
-        os.environ,
-        DS_ACCELERATOR="cpu",
-        HF_HUB_OFFLINE="1",
-        PYTHON=sys.executable,
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}",
-    )
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def make_teacher(path: Path) -> Path:
