@@ -119,3 +119,40 @@ def test_bad_config_exits_2_before_launching(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert "unknown key distill.stepz" in proc.stderr
+
+
+def test_two_simulated_nodes_form_one_job(job, tmp_path):
+    """Two launcher invocations on loopback (NODE_RANK 0/1, one process each) train as one 2-rank job."""
+    root, _ = job
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = free_port()
+    out = tmp_path / "run"
+    # finite mode: the shuffled shard list is split by rank, i.e. between the two nodes
+    cmd = [
+        "bash",
+        "launch/pretrain.sh",
+        str(root / "recipe.yaml"),
+        f"output.dir={out}",
+        "distill.steps=2",
+        "data.mode=finite",
+    ]
+    nodes = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=launcher_env(
+                HOSTFILE=hostfile, NODE_RANK=rank, NPROC_PER_NODE=1, MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=400)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "rank 0 of 2" in logs[0] and "rank 1 of 2" in logs[1]
+    assert (out / "final" / "model.safetensors").exists()
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in steps if "loss/total" in m] == [1, 2]
