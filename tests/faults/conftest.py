@@ -37,7 +37,7 @@ def write_recipe(root: Path, name: str = "recipe.yaml", **sections) -> Path:
         "distill": {"steps": 4, "warmup_steps": 1, "log_every": 1, "ckpt_every": 2, "keep_checkpoints": 2},
         "deepspeed": {"zero_stage": 1, "precision": "fp32"},
         "output": {"dir": str(root / "run")},
-        "dist_timeout_s": 10,
+        "dist_timeout_s": 20,
     }
     for section, values in sections.items():
         if isinstance(values, dict):

@@ -24,7 +24,7 @@ from faults.conftest import Launch, alive, make_teacher, wait_for, write_recipe
 from mope_dist.data.synthetic import write_image_text_shards
 from mope_dist.distill.checkpoint import MARKER, CheckpointManager
 
-TIMEOUT_S = 10
+TIMEOUT_S = 20  # a checkpoint save on a busy 2-core box must not outlast it
 
 
 def complete_tags(run) -> list[str]:
