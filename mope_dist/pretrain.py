@@ -14,12 +14,12 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mope_dist import dist
 from mope_dist.config import config_from_argv
-from mope_dist.distill.trainer import export_student, train
 from mope_dist.jobs import (
     check_targets,
     prepare_run_dir,
     prune_phase,
     score_units,
+    train_and_export,
     train_args,
     train_loader,
     zeroshot_evaluator,
@@ -61,13 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         prune_phase(cfg, teacher, scores_path, out)
     student = load_model(out / "pruned")
 
-    result = train(student, teacher, loader, args, out, info, evaluate=evaluate)
-    provenance = {
-        "teacher": cfg.teacher.name,
-        "pretrained": cfg.teacher.pretrained,
-        "steps": result.state.step,
-    }
-    export_student(result.engine, out / "final", provenance=provenance)
+    provenance = {"teacher": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
+    train_and_export(student, teacher, loader, args, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(
             f"done: scores {scores_path}, plan {out / 'plan.json'}, pruned student {out / 'pruned'}, "

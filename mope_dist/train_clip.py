@@ -12,8 +12,7 @@ import sys
 
 from mope_dist import dist
 from mope_dist.config import config_from_argv
-from mope_dist.distill.trainer import export_student, train
-from mope_dist.jobs import prepare_run_dir, train_args, train_loader, zeroshot_evaluator
+from mope_dist.jobs import prepare_run_dir, train_and_export, train_args, train_loader, zeroshot_evaluator
 from mope_dist.model import load_teacher
 
 
@@ -28,15 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     args = train_args(cfg, info.world_size, distill=False)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
-    result = train(model, None, loader, args, out, info, evaluate=evaluate)
-    provenance = {
-        "architecture": cfg.teacher.name,
-        "pretrained": cfg.teacher.pretrained,
-        "steps": result.state.step,
-    }
-    export_student(result.engine, out / "final", provenance=provenance)
+    provenance = {"architecture": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
+    train_and_export(model, None, loader, args, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
-        print(f"done: trained model {out / 'final'}, eval {result.eval}", flush=True)
+        print(f"done: trained model {out / 'final'} (evaluations in {out / 'metrics.jsonl'})", flush=True)
 
 
 if __name__ == "__main__":
