@@ -17,11 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from mope_dist.errors import ConfigError
 from mope_dist.utils import atomic_write_text
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and its source."""
 
 
 def _is_local_path(value: str) -> bool:

@@ -30,9 +30,7 @@ import torch
 import torch.distributed as tdist
 import torch.distributed.distributed_c10d as c10d
 
-
-class JobError(RuntimeError):
-    """A failure with a clear cause and remedy: reported as one `error: ...` line (no traceback), exit 1."""
+from mope_dist.errors import ConfigError, JobError
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,6 @@ def _first_line(exc: BaseException) -> str:
 
 def failure_line(exc: BaseException) -> tuple[str, int]:
     """The one line that ends a failed process, and its exit status."""
-    from mope_dist.config import ConfigError  # config imports nothing from here
 
     chained = exc.__cause__ or exc.__context__
     if isinstance(exc, ConfigError):
@@ -184,7 +181,6 @@ def _excepthook(exc_type, exc, tb) -> None:
         sys.__excepthook__(exc_type, exc, tb)
         return
     line, status = failure_line(exc)
-    from mope_dist.config import ConfigError
 
     # the real stderr: torch.distributed wraps this hook and collects its output in a buffer it would
     # only print after we return

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mope_dist import dist
-from mope_dist.config import Config, ConfigError, TowerTarget, _is_local_path, config_from_argv
+from mope_dist.config import Config, TowerTarget, _is_local_path, config_from_argv
 from mope_dist.distill.trainer import TrainArgs
+from mope_dist.errors import ConfigError
 from mope_dist.jobs import (
     check_targets,
     prepare_run_dir,

@@ -17,7 +17,6 @@ import torch
 from mope_dist import dist
 from mope_dist.config import (
     Config,
-    ConfigError,
     EvalConfig,
     ProxyConfig,
     TowerTarget,
@@ -32,6 +31,7 @@ from mope_dist.data import (
     make_labelled_loader,
 )
 from mope_dist.distill.trainer import TrainArgs, TrainState, export_student, train
+from mope_dist.errors import ConfigError
 from mope_dist.eval.retrieval import evaluate_retrieval
 from mope_dist.eval.zeroshot import build_classifier, evaluate_zeroshot
 from mope_dist.model import format_counts_table, save_pretrained, slice_model

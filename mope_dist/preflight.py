@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from mope_dist.config import Config, ConfigError, config_from_argv
+from mope_dist.config import Config, config_from_argv
+from mope_dist.errors import ConfigError
 
 # The sections that decide scores, plan and pruned model: they must match an existing run's.
 ARTIFACT_SECTIONS = ("teacher", "mope", "prune")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mope_dist.config import ConfigError, load_config, save_config, validate_targets
+from mope_dist.config import load_config, save_config, validate_targets
+from mope_dist.errors import ConfigError
 
 BASE = """
 data:

@@ -4,7 +4,8 @@ import pytest
 import torch
 from conftest import tiny_open_clip
 
-from mope_dist.config import ConfigError, TowerTarget
+from mope_dist.config import TowerTarget
+from mope_dist.errors import ConfigError
 from mope_dist.model import count_params, from_open_clip, slice_model
 from mope_dist.mope.units import enumerate_units
 from mope_dist.prune.plan import make_plan, plan_tower

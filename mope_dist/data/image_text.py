@@ -46,7 +46,7 @@ from mope_dist.data.shards import (
     iter_shard_samples,
     shard_sizes,
 )
-from mope_dist.dist import JobError
+from mope_dist.errors import JobError
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from mope_dist import dist
-from mope_dist.dist import JobError
+from mope_dist.errors import JobError
 from mope_dist.utils import atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("mope_dist.distill")

@@ -37,11 +37,12 @@ import torch
 import torch.distributed as tdist
 
 from mope_dist import dist
-from mope_dist.dist import JobError
 from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
 from mope_dist.distill.losses import CLIPOutputs, DistillLoss, layer_map
 from mope_dist.distill.metrics import MetricsLog, format_line
 from mope_dist.distill.optim import build_ds_config, lr_at, make_optimizer, set_lr
+from mope_dist.errors import JobError
+from mope_dist.model.runtime import eval_mode
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.distill")
@@ -213,13 +214,8 @@ def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
 
 
 def _evaluate(evaluate, model, gathered=None) -> dict:
-    was_training = model.training
-    model.eval()
-    try:
-        with gathered or contextlib.nullcontext(), torch.no_grad():
-            return _flat_numbers(evaluate(model))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), gathered or contextlib.nullcontext(), torch.no_grad():
+        return _flat_numbers(evaluate(model))
 
 
 def _reduce_sum(values: dict, device: torch.device) -> dict[str, float]:

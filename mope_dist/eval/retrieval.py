@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mope_dist import dist
-from mope_dist.eval.zeroshot import autocast_context, eval_mode, model_dtype
+from mope_dist.model.runtime import autocast_context, eval_mode, model_dtype
 
 
 def _encode_all(

@@ -19,7 +19,7 @@ import open_clip
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from .clip import PrunableCLIP, build_on_meta
 from .io import get_tokenizer, is_model_dir, load_model, transforms
 from .spec import CLIPSpec, TextSpec, VisionSpec

@@ -18,7 +18,8 @@ import sys
 from torch.utils.tensorboard import SummaryWriter
 
 from mope_dist import dist
-from mope_dist.config import ConfigError, load_config
+from mope_dist.config import load_config
+from mope_dist.errors import ConfigError
 from mope_dist.jobs import prepare_run_dir, score_units
 from mope_dist.model import load_teacher
 

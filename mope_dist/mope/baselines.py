@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mope_dist import dist
-from mope_dist.eval.zeroshot import autocast_context, eval_mode, model_dtype
+from mope_dist.model.runtime import autocast_context, eval_mode, model_dtype
 from mope_dist.mope.proxies import ClassificationProxy, Proxy, local_batches
 from mope_dist.mope.report import ScoreResult
 from mope_dist.mope.units import Unit, check_units, tower_of

@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mope_dist import dist
-from mope_dist.eval.zeroshot import autocast_context, eval_mode, model_dtype
+from mope_dist.model.runtime import autocast_context, eval_mode, model_dtype
 from mope_dist.mope.proxies import (
     ClassificationProxy,
     Proxy,

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from mope_dist.config import ConfigError, TowerTarget
+from mope_dist.config import TowerTarget
+from mope_dist.errors import ConfigError
 from mope_dist.model import KeepSpec, TowerKeep
 
 TOWERS = ("vision", "text")

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from mope_dist import dist
-from mope_dist.dist import JobError
 from mope_dist.distill import checkpoint as ckpt_mod
 from mope_dist.distill.checkpoint import MARKER, CheckpointManager, safe_torch_load, weights_only_loading
+from mope_dist.errors import JobError
 
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 

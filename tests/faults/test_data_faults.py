@@ -15,7 +15,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from faults.conftest import write_samples
 from mope_dist import dist
 from mope_dist.data import ImageTextLoader
-from mope_dist.dist import JobError
+from mope_dist.errors import JobError
 
 
 def ids(texts: list[str]) -> torch.Tensor:

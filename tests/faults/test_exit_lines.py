@@ -14,7 +14,7 @@ from faults.conftest import REPO, launcher_env
 
 PRELUDE = "from mope_dist import dist; dist.install_failure_handlers(); "
 CASES = {
-    "config": "from mope_dist.config import ConfigError; raise ConfigError('data.batch_size: bad')",
+    "config": "from mope_dist.errors import ConfigError; raise ConfigError('data.batch_size: bad')",
     "job": "dist.note_progress(step=7); raise dist.JobError('disk full')",
     "collective": "raise RuntimeError('[../gloo/pair.cc:1] Connection closed by peer [10.0.0.2]:1234')",
     "sigterm": "print('ready', flush=True); import time; time.sleep(60)",

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from faults.conftest import REPO, jpeg, launcher_env, make_teacher, write_recipe
 from mope_dist import dist
-from mope_dist.config import ConfigError, load_config
+from mope_dist.config import load_config
+from mope_dist.errors import ConfigError
 from mope_dist.jobs import build_proxy, prepare_run_dir
 from mope_dist.model import KeepSpec, load_teacher
 from mope_dist.mope.units import enumerate_units
