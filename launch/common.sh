@@ -43,5 +43,5 @@ PYTHON=${PYTHON:-python}
 deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
 
 # Bad configuration, an output dir of another run, an unusable ImageFolder proxy/eval set: one line
-# and exit 2 here, before any process is launched (mope_dist/preflight.py).
-"$PYTHON" -m mope_dist.preflight "$@"
+# and exit 2 here, before any process is launched (mope_dist/recipes/preflight.py).
+"$PYTHON" -m mope_dist.recipes.preflight "$@"

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,12 +16,9 @@ from typing import Any, Literal
 import yaml
 
 from mope_dist.errors import ConfigError
-from mope_dist.utils import atomic_write_text
-
-
-def _is_local_path(value: str) -> bool:
-    """Paths we can check up front; URLs, pipes and brace patterns are checked when opened."""
-    return not ("://" in value or value.startswith("pipe:") or "{" in value or "::" in value)
+from mope_dist.mope.methods import METHODS
+from mope_dist.typed_yaml import build, parse_override, source_of
+from mope_dist.utils import atomic_write_text, is_local_path
 
 
 @dataclass
@@ -66,7 +61,8 @@ class ProxyConfig:
 
 @dataclass
 class MopeConfig:
-    method: Literal["mope", "magnitude", "random", "taylor"] = "mope"
+    # A name in mope_dist.mope.methods.METHODS: mope, magnitude, random, taylor.
+    method: str = "mope"
     towers: list[str] = field(default_factory=lambda: ["vision", "text"])
     kinds: list[str] = field(default_factory=lambda: ["head", "neurons", "layer"])
     # FFN neurons are scored in this many groups per layer.
@@ -152,7 +148,7 @@ FINETUNE_STAGES = ("width", "depth", "width+depth")
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning-stage compression (mope_dist.finetune): a task teacher, then pruning stages in order."""
+    """Fine-tuning-stage compression (mope_dist.recipes.finetune): a task teacher, then pruning stages in order."""
 
     # Each stage scores, prunes and distills the previous stage's student: "width" applies the
     # prune.*.heads/mlp targets, "depth" the prune.*.layers targets, "width+depth" all at once.
@@ -198,101 +194,6 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# Building dataclasses from untyped YAML, with a source for every key.
-
-
-def _check_value(value: Any, tp: Any, key: str, source: str | dict[str, str]) -> Any:
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _check_value(value, option, key, source)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"{key} in {_source_of(source, key)}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            choices = ", ".join(repr(c) for c in typing.get_args(tp))
-            raise ConfigError(f"{key} in {_source_of(source, key)}: must be one of {choices}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} in {_source_of(source, key)}: expected a list, got {value!r}")
-        (item_tp,) = typing.get_args(tp)
-        return [_check_value(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} in {_source_of(source, key)}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, source)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
-        raise ConfigError(f"{key} in {_source_of(source, key)}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _build(cls: type, data: Any, prefix: str, source: str | dict[str, str]):
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"{prefix or 'config'} in {_source_of(source, prefix)}: expected a mapping, got {data!r}"
-        )
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in names:
-            full = f"{prefix}.{key}" if prefix else str(key)
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown key {full} in {_source_of(source, full)} (known keys here: {known})")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in data:
-            full = f"{prefix}.{f.name}" if prefix else f.name
-            kwargs[f.name] = _check_value(data[f.name], hints[f.name], full, source)
-    return cls(**kwargs)
-
-
-def _source_of(source: str | dict[str, str], key: str) -> str:
-    """Where `key` (or the nearest section above it) was set: an override wins over the file."""
-    if isinstance(source, str):
-        return source
-    for set_key, where in source.items():
-        if set_key.startswith(f"{key}."):
-            return where
-    while key:
-        if key in source:
-            return source[key]
-        key = key.rsplit("[", 1)[0] if key.endswith("]") else key.rpartition(".")[0]
-    return source.get("", "defaults")
-
-
-def _parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} on the command line: expected section.key=value")
-    key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
-    return key.strip().split("."), value
-
-
 def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Read a YAML recipe, apply `a.b=c` overrides, validate; raise ConfigError naming key and source."""
     data: dict = {}
@@ -308,7 +209,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"config file {path}: top level must be a mapping")
     sources: dict[str, str] = {"": file_source}
     for text in overrides:
-        keys, value = _parse_override(text)
+        keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -316,94 +217,123 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
                 raise ConfigError(f"override {text!r} on the command line: {k} is not a section")
         node[keys[-1]] = value
         sources[".".join(keys)] = "the command line"
-    cfg = _build(Config, data, "", sources)
+    cfg = build(Config, data, "", sources)
     _validate(cfg, sources)
     return cfg
 
 
 def _validate(cfg: Config, sources: dict[str, str]) -> None:
-    def fail(key: str, message: str):
-        raise ConfigError(f"{key} in {_source_of(sources, key)}: {message}")
+    """Values the types cannot express, section by section; the first problem is a ConfigError."""
 
+    def fail(key: str, message: str):
+        raise ConfigError(f"{key} in {source_of(sources, key)}: {message}")
+
+    _validate_paths(cfg, fail)
+    _validate_teacher(cfg.teacher, fail)
+    _validate_data(cfg, fail)
+    _validate_distill(cfg, fail)
+    _validate_mope(cfg, fail)
+    _validate_bounds(cfg, fail, positive=("eval.batch_size",), non_negative=("eval.workers",))
+    _validate_finetune(cfg, fail)
+    _validate_prune(cfg, fail)
+    _validate_bounds(cfg, fail, positive=("dist_timeout_s",))
+
+
+def _validate_bounds(cfg: Config, fail, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()):
+    for key in positive:
+        if (value := _get(cfg, key)) <= 0:
+            fail(key, f"must be positive, got {value}")
+    for key in non_negative:
+        if (value := _get(cfg, key)) < 0:
+            fail(key, f"must be >= 0, got {value}")
+
+
+def _validate_paths(cfg: Config, fail) -> None:
+    """Local data paths must exist; remote ones are checked when opened."""
     for key in ("data.train_shards", "mope.proxy.data", "eval.data"):
         value = _get(cfg, key)
-        if (
-            value
-            and _is_local_path(value)
-            and not value.startswith("local-dir:")
-            and not Path(value).exists()
-        ):
+        if value and is_local_path(value) and not value.startswith("local-dir:") and not Path(value).exists():
             fail(key, f"path {value} does not exist")
-    teacher = cfg.teacher.name
-    if teacher.startswith("local-dir:") and not Path(teacher[len("local-dir:") :]).is_dir():
-        fail("teacher.name", f"directory {teacher[len('local-dir:') :]} does not exist")
-    if "/" in teacher and not teacher.startswith(("local-dir:", "hf-hub:")) and not Path(teacher).is_dir():
+
+
+def _validate_teacher(teacher: TeacherConfig, fail) -> None:
+    name = teacher.name
+    if name.startswith("local-dir:") and not Path(name[len("local-dir:") :]).is_dir():
+        fail("teacher.name", f"directory {name[len('local-dir:') :]} does not exist")
+    if "/" in name and not name.startswith(("local-dir:", "hf-hub:")) and not Path(name).is_dir():
         import open_clip  # only here: a name with a slash is either a model dir or an open_clip name
 
-        if teacher.replace("/", "-") not in open_clip.list_models():
-            fail("teacher.name", f"{teacher} is neither a model directory nor an open_clip model name")
-    pretrained = cfg.teacher.pretrained
+        if name.replace("/", "-") not in open_clip.list_models():
+            fail("teacher.name", f"{name} is neither a model directory nor an open_clip model name")
+    pretrained = teacher.pretrained
     if pretrained and ("/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors"))):
         if not Path(pretrained).is_file():
             fail("teacher.pretrained", f"weights file {pretrained} does not exist")
-    positive = {
-        "data.batch_size": cfg.data.batch_size,
-        "distill.steps": cfg.distill.steps,
-        "distill.grad_accum": cfg.distill.grad_accum,
-        "distill.log_every": cfg.distill.log_every,
-        "distill.ckpt_every": cfg.distill.ckpt_every,
-        "distill.keep_checkpoints": cfg.distill.keep_checkpoints,
-        "distill.max_nonfinite_steps": cfg.distill.max_nonfinite_steps,
-        "mope.neuron_groups": cfg.mope.neuron_groups,
-        "mope.candidates_per_forward": cfg.mope.candidates_per_forward,
-        "mope.proxy.batch_size": cfg.mope.proxy.batch_size,
-        "eval.batch_size": cfg.eval.batch_size,
-        "finetune.eval_batch_size": cfg.finetune.eval_batch_size,
-        "dist_timeout_s": cfg.dist_timeout_s,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            fail(key, f"must be positive, got {value}")
-    for key, value in {
-        "data.workers": cfg.data.workers,
-        "eval.workers": cfg.eval.workers,
-        "distill.warmup_steps": cfg.distill.warmup_steps,
-        "distill.eval_every": cfg.distill.eval_every,
-        "finetune.teacher_steps": cfg.finetune.teacher_steps,
-    }.items():
-        if value < 0:
-            fail(key, f"must be >= 0, got {value}")
-    if not 0 <= cfg.data.max_skip_rate <= 1:
-        fail("data.max_skip_rate", f"must be in [0, 1], got {cfg.data.max_skip_rate}")
-    if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch <= 0:
-        fail("data.samples_per_epoch", f"must be positive, got {cfg.data.samples_per_epoch}")
-    if cfg.data.batch_size % cfg.distill.grad_accum:
+
+
+def _validate_data(cfg: Config, fail) -> None:
+    data = cfg.data
+    _validate_bounds(cfg, fail, positive=("data.batch_size",), non_negative=("data.workers",))
+    if not 0 <= data.max_skip_rate <= 1:
+        fail("data.max_skip_rate", f"must be in [0, 1], got {data.max_skip_rate}")
+    if data.samples_per_epoch is not None and data.samples_per_epoch <= 0:
+        fail("data.samples_per_epoch", f"must be positive, got {data.samples_per_epoch}")
+
+
+def _validate_distill(cfg: Config, fail) -> None:
+    d = cfg.distill
+    positive = ("steps", "grad_accum", "log_every", "ckpt_every", "keep_checkpoints", "max_nonfinite_steps")
+    _validate_bounds(
+        cfg,
+        fail,
+        positive=tuple(f"distill.{k}" for k in positive),
+        non_negative=("distill.warmup_steps", "distill.eval_every"),
+    )
+    if cfg.data.batch_size % d.grad_accum:
         fail(
-            "data.batch_size",
-            f"{cfg.data.batch_size} is not divisible by distill.grad_accum={cfg.distill.grad_accum}",
+            "data.batch_size", f"{cfg.data.batch_size} is not divisible by distill.grad_accum={d.grad_accum}"
         )
-    if not 0 <= cfg.distill.min_lr <= cfg.distill.lr:
-        fail("distill.min_lr", f"must be in [0, distill.lr={cfg.distill.lr}], got {cfg.distill.min_lr}")
-    if len(cfg.distill.betas) != 2 or not all(0 <= b < 1 for b in cfg.distill.betas):
-        fail("distill.betas", f"must be two numbers in [0, 1), got {cfg.distill.betas}")
-    if cfg.distill.losses.kd_temperature <= 0:
+    if not 0 <= d.min_lr <= d.lr:
+        fail("distill.min_lr", f"must be in [0, distill.lr={d.lr}], got {d.min_lr}")
+    if len(d.betas) != 2 or not all(0 <= b < 1 for b in d.betas):
+        fail("distill.betas", f"must be two numbers in [0, 1), got {d.betas}")
+    if d.losses.kd_temperature <= 0:
         fail("distill.losses.kd_temperature", "must be positive")
-    for name, value in dataclasses.asdict(cfg.distill.losses).items():
+    for name, value in dataclasses.asdict(d.losses).items():
         if value < 0:
             fail(f"distill.losses.{name}", f"must be >= 0, got {value}")
-    if cfg.finetune.teacher_lr is not None and cfg.finetune.teacher_lr <= 0:
-        fail("finetune.teacher_lr", f"must be positive, got {cfg.finetune.teacher_lr}")
-    if not cfg.finetune.stages:
-        fail("finetune.stages", "needs at least one stage")
-    for i, stage in enumerate(cfg.finetune.stages):
-        if stage not in FINETUNE_STAGES:
-            fail(f"finetune.stages[{i}]", f"must be one of {', '.join(FINETUNE_STAGES)}, got {stage!r}")
-    for i, tower in enumerate(cfg.mope.towers):
+
+
+def _validate_mope(cfg: Config, fail) -> None:
+    m = cfg.mope
+    if m.method not in METHODS:
+        fail("mope.method", f"must be one of {', '.join(repr(name) for name in METHODS)}, got {m.method!r}")
+    _validate_bounds(
+        cfg, fail, positive=("mope.neuron_groups", "mope.candidates_per_forward", "mope.proxy.batch_size")
+    )
+    for i, tower in enumerate(m.towers):
         if tower not in ("vision", "text"):
             fail(f"mope.towers[{i}]", f"must be 'vision' or 'text', got {tower!r}")
-    for i, kind in enumerate(cfg.mope.kinds):
+    for i, kind in enumerate(m.kinds):
         if kind not in ("head", "neurons", "layer"):
             fail(f"mope.kinds[{i}]", f"must be 'head', 'neurons' or 'layer', got {kind!r}")
+
+
+def _validate_finetune(cfg: Config, fail) -> None:
+    f = cfg.finetune
+    _validate_bounds(
+        cfg, fail, positive=("finetune.eval_batch_size",), non_negative=("finetune.teacher_steps",)
+    )
+    if f.teacher_lr is not None and f.teacher_lr <= 0:
+        fail("finetune.teacher_lr", f"must be positive, got {f.teacher_lr}")
+    if not f.stages:
+        fail("finetune.stages", "needs at least one stage")
+    for i, stage in enumerate(f.stages):
+        if stage not in FINETUNE_STAGES:
+            fail(f"finetune.stages[{i}]", f"must be one of {', '.join(FINETUNE_STAGES)}, got {stage!r}")
+
+
+def _validate_prune(cfg: Config, fail) -> None:
     for tower in ("vision", "text"):
         for unit in ("layers", "heads", "mlp"):
             key = f"prune.{tower}.{unit}"

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes (nothing is ever half-written) and the one logger."""
+"""Small shared helpers: atomic writes (nothing is ever half-written), the one logger, and which
+paths can be checked up front."""
 
 from __future__ import annotations
 
@@ -62,6 +63,12 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_local_path(spec: str) -> bool:
+    """A plain local path, checkable before any work; URLs, `pipe:` commands, brace patterns and
+    `::`-joined shard lists are checked when they are opened."""
+    return not ("://" in spec or spec.startswith("pipe:") or "{" in spec or "::" in spec)
 
 
 def get_logger(name: str = "mope_dist") -> logging.Logger:

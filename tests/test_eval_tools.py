@@ -18,8 +18,8 @@ from torchvision.datasets import ImageFolder
 
 from mope_dist.data import load_retrieval_set
 from mope_dist.data.synthetic import write_labelled_set, write_retrieval_set, write_tar
-from mope_dist.eval.cli import run_tool
 from mope_dist.model import from_open_clip, save_pretrained
+from mope_dist.recipes.eval_cli import run_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Fine-tuning-stage compression (mope_dist.finetune) on tiny models and generated pairs:
+"""Fine-tuning-stage compression (mope_dist.recipes.finetune) on tiny models and generated pairs:
 
 - the staged run through launch/finetune.sh with 2 processes: task teacher -> width -> depth, first
   with only the width stage, then with both (the finished stage and the teacher are not redone);
@@ -175,11 +175,13 @@ def worker(root: Path) -> None:
 
     import torch.distributed.distributed_c10d as c10d
 
-    from mope_dist import dist, finetune
+    from mope_dist import dist
     from mope_dist.config import load_config
     from mope_dist.distill.trainer import TrainArgs
-    from mope_dist.jobs import train_and_export, train_loader
     from mope_dist.model import load_model, load_teacher
+    from mope_dist.recipes import finetune
+    from mope_dist.recipes.builders import train_loader
+    from mope_dist.recipes.training import train_and_export
 
     info = dist.init_distributed(120, use_deepspeed=True)
     recipe = str(root / "recipe.yaml")

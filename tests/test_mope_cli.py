@@ -1,4 +1,4 @@
-"""`python -m mope_dist.mope`: config -> scores.json, heatmaps, TensorBoard; bad config -> exit 2."""
+"""`python -m mope_dist.recipes.score`: config -> scores.json, heatmaps, TensorBoard; bad config -> exit 2."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from conftest import tiny_open_clip  # noqa: E402
 
 from mope_dist.data.synthetic import write_labelled_set, write_retrieval_set  # noqa: E402
 from mope_dist.model import from_open_clip, save_pretrained  # noqa: E402
-from mope_dist.mope.__main__ import main  # noqa: E402
 from mope_dist.mope.report import read_scores  # noqa: E402
+from mope_dist.recipes.score import main  # noqa: E402
 
 
 @pytest.fixture(scope="module")

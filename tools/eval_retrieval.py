@@ -16,7 +16,7 @@ import argparse
 from mope_dist import dist
 from mope_dist.data import load_retrieval_set
 from mope_dist.eval import evaluate_retrieval
-from mope_dist.eval.cli import (
+from mope_dist.recipes.eval_cli import (
     PRECISIONS,
     add_model_args,
     check_model_args,

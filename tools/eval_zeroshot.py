@@ -22,7 +22,7 @@ import torch
 from mope_dist import dist
 from mope_dist.data import load_classnames, load_templates, make_labelled_loader
 from mope_dist.eval import build_classifier, evaluate_zeroshot
-from mope_dist.eval.cli import (
+from mope_dist.recipes.eval_cli import (
     PRECISIONS,
     LateTransform,
     add_model_args,

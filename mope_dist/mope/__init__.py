@@ -2,26 +2,33 @@
 
 Typical use: `units = enumerate_units(model)`, then `result = score_mope(model, units, proxy, device)`
 with a ClassificationProxy or RetrievalProxy, then `write_scores(result, out_dir)` for scores.json
-and heatmaps. `python -m mope_dist.mope --config CONFIG.yaml` does the same from a recipe.
+and heatmaps. `python -m mope_dist.recipes.score --config CONFIG.yaml` does the same from a recipe,
+with the method named by `mope.method` (mope_dist.mope.methods).
+
+The names below are imported on first use, so that importing the light `methods` registry (config
+validation does) does not import torch.
 """
 
-from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor
-from mope_dist.mope.engine import score_mope
-from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, class_text_tokens
-from mope_dist.mope.report import ScoreResult, read_scores, write_scores
-from mope_dist.mope.units import Unit, enumerate_units
+import importlib
 
-__all__ = [
-    "ClassificationProxy",
-    "RetrievalProxy",
-    "ScoreResult",
-    "Unit",
-    "class_text_tokens",
-    "enumerate_units",
-    "read_scores",
-    "score_magnitude",
-    "score_mope",
-    "score_random",
-    "score_taylor",
-    "write_scores",
-]
+_EXPORTS = {
+    "ClassificationProxy": "proxies",
+    "RetrievalProxy": "proxies",
+    "class_text_tokens": "proxies",
+    "ScoreResult": "report",
+    "read_scores": "report",
+    "write_scores": "report",
+    "Unit": "units",
+    "enumerate_units": "units",
+    "score_mope": "engine",
+    "score_magnitude": "baselines",
+    "score_random": "baselines",
+    "score_taylor": "baselines",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"mope_dist.mope.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mope_dist.mope' has no attribute {name!r}")

@@ -22,11 +22,12 @@ from faults.conftest import REPO, jpeg, launcher_env, make_teacher, write_recipe
 from mope_dist import dist
 from mope_dist.config import load_config
 from mope_dist.errors import ConfigError
-from mope_dist.jobs import build_proxy, prepare_run_dir
 from mope_dist.model import KeepSpec, load_teacher
 from mope_dist.mope.units import enumerate_units
-from mope_dist.preflight import problems
 from mope_dist.prune.plan import check_plan, make_plan
+from mope_dist.recipes.builders import build_proxy
+from mope_dist.recipes.preflight import problems
+from mope_dist.recipes.run_dir import prepare_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_pretrained_weights_beside_a_local_dir_model_are_refused(registered_tiny
 
 
 def test_entry_point_stops_on_bad_teacher_weights_before_any_work(root, registered_tiny, monkeypatch):
-    from mope_dist import pretrain
+    from mope_dist.recipes import pretrain
 
     monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # main() installs the project's hook
     cfg_path = write_recipe(

@@ -1,5 +1,5 @@
 """Faults inside a running 2-process job (torchrun, CPU/gloo), through the real entry point
-`mope_dist.pretrain.main`, each injected in the worker process:
+`mope_dist.recipes.pretrain.main`, each injected in the worker process:
 
 - disk full (ENOSPC) while rank 1 writes its part of a checkpoint: every rank stops with the same
   error, the partial checkpoint is removed, the previous one stays `latest`; rerunning resumes from it;
@@ -52,7 +52,7 @@ def recipe(root: Path, name: str, shards: str, **sections) -> Path:
 def run_main(path: Path) -> dict:
     """pretrain.main on `path`: {"ok": True} or the failure line the process would end with."""
     from mope_dist import dist
-    from mope_dist.pretrain import main
+    from mope_dist.recipes.pretrain import main
 
     try:
         main([str(path)])

@@ -1,6 +1,6 @@
-"""Checks the launchers run before starting any process: cheap, read-only, stdlib only.
+"""Checks the launchers run before starting any process: cheap and read-only (no torch).
 
-    python -m mope_dist.preflight CONFIG.yaml [section.key=value ...]
+    python -m mope_dist.recipes.preflight CONFIG.yaml [section.key=value ...]
 
 Validates the config (mope_dist.config), then the run directory (writable, and not holding a run
 with different teacher/mope/prune settings) and the labelled ImageFolder sets the job will read
@@ -15,41 +15,13 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 from mope_dist.config import Config, config_from_argv
 from mope_dist.errors import ConfigError
+from mope_dist.mope.methods import METHODS
+from mope_dist.recipes.run_dir import run_dir_problem
 
-# The sections that decide scores, plan and pruned model: they must match an existing run's.
-ARTIFACT_SECTIONS = ("teacher", "mope", "prune")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_CLASSES = 1000
-
-
-def run_dir_problem(cfg: Config) -> str | None:
-    """Why cfg.output.dir cannot hold this run, or None."""
-    out = Path(cfg.output.dir)
-    existing = out.absolute()
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"output.dir {out}: {existing} exists and is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"output.dir {out}: {existing} is not writable"
-    previous_path = out / "config.yaml"
-    if previous_path.is_file() and not cfg.output.overwrite:
-        try:
-            previous = yaml.safe_load(previous_path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            return f"output.dir {out}: cannot read its config.yaml ({e})"
-        current = cfg.to_dict()
-        changed = [s for s in ARTIFACT_SECTIONS if previous.get(s) != current[s]]
-        if changed:
-            return (
-                f"output.dir {out} holds a run with different {', '.join(changed)} settings: "
-                "use a new output.dir or set output.overwrite=true"
-            )
-    return None
 
 
 def _has_image(folder: str) -> bool:
@@ -88,7 +60,7 @@ def labelled_set_problem(key: str, data: str, classnames: str) -> str | None:
 def problems(cfg: Config) -> list[str]:
     found = [run_dir_problem(cfg)]
     proxy = cfg.mope.proxy
-    if cfg.mope.method in ("mope", "taylor") and proxy.kind == "classification" and proxy.data:
+    if METHODS[cfg.mope.method].needs_proxy and proxy.kind == "classification" and proxy.data:
         found.append(labelled_set_problem("mope.proxy.data", proxy.data, proxy.classnames))
     if cfg.eval.data:
         found.append(labelled_set_problem("eval.data", cfg.eval.data, cfg.eval.classnames))

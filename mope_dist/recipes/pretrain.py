@@ -14,20 +14,14 @@ from torch.utils.tensorboard import SummaryWriter
 
 from mope_dist import dist
 from mope_dist.config import config_from_argv
-from mope_dist.jobs import (
-    check_targets,
-    prepare_run_dir,
-    prune_phase,
-    score_units,
-    train_and_export,
-    train_args,
-    train_loader,
-    zeroshot_evaluator,
-)
 from mope_dist.model import load_model, load_teacher
+from mope_dist.recipes.builders import train_loader, zeroshot_evaluator
+from mope_dist.recipes.phases import check_targets, prune_phase, score_units
+from mope_dist.recipes.run_dir import prepare_run_dir
+from mope_dist.recipes.training import train_and_export, train_args
 from mope_dist.utils import get_logger
 
-log = get_logger("mope_dist.pretrain")
+log = get_logger("mope_dist.recipes.pretrain")
 
 
 def main(argv: list[str] | None = None) -> None:

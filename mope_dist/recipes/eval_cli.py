@@ -20,10 +20,10 @@ import open_clip
 import torch
 
 from mope_dist import dist
-from mope_dist.data.shards import expand_shards, is_local
+from mope_dist.data.shards import expand_shards
 from mope_dist.model import load_teacher
 from mope_dist.model.io import is_model_dir
-from mope_dist.utils import atomic_write_json
+from mope_dist.utils import atomic_write_json, is_local_path
 
 PRECISIONS = {"auto": None, "bf16": True, "fp32": False}  # -> the `autocast` argument of the evaluators
 
@@ -90,7 +90,7 @@ def check_shards(spec: str) -> None:
         urls = [u for urls, _ in expand_shards(spec) for u in urls]
     except ValueError as e:
         raise InputError(str(e)) from e
-    missing = [u for u in urls if is_local(u) and not os.path.exists(u)]
+    missing = [u for u in urls if is_local_path(u) and not os.path.exists(u)]
     if len(urls) == 1 and missing:
         raise InputError(f"{missing[0]} not found")
     if missing:

@@ -12,8 +12,10 @@ import sys
 
 from mope_dist import dist
 from mope_dist.config import config_from_argv
-from mope_dist.jobs import prepare_run_dir, train_and_export, train_args, train_loader, zeroshot_evaluator
 from mope_dist.model import load_teacher
+from mope_dist.recipes.builders import train_loader, zeroshot_evaluator
+from mope_dist.recipes.run_dir import prepare_run_dir
+from mope_dist.recipes.training import train_and_export, train_args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Score the units of a model and stop (no pruning, no training):
 
-    python -m mope_dist.mope --config CONFIG.yaml [section.key=value ...]
-    torchrun --nproc_per_node 8 -m mope_dist.mope --config CONFIG.yaml mope.method=taylor
+    python -m mope_dist.recipes.score --config CONFIG.yaml [section.key=value ...]
+    torchrun --nproc_per_node 8 -m mope_dist.recipes.score --config CONFIG.yaml mope.method=taylor
 
 Reads the `teacher`, `mope` and `output` sections. Writes OUTPUT/scores/scores.json (schema in
 mope_dist/mope/report.py) with one heatmap PNG per tower and unit kind, the same figures in
@@ -20,13 +20,15 @@ from torch.utils.tensorboard import SummaryWriter
 from mope_dist import dist
 from mope_dist.config import load_config
 from mope_dist.errors import ConfigError
-from mope_dist.jobs import prepare_run_dir, score_units
 from mope_dist.model import load_teacher
+from mope_dist.mope.methods import METHODS
+from mope_dist.recipes.phases import score_units
+from mope_dist.recipes.run_dir import prepare_run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
-        prog="python -m mope_dist.mope",
+        prog="python -m mope_dist.recipes.score",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        if cfg.mope.method in ("mope", "taylor") and not cfg.mope.proxy.data:
+        if METHODS[cfg.mope.method].needs_proxy and not cfg.mope.proxy.data:
             raise ConfigError(f"mope.proxy.data is required by mope.method={cfg.mope.method}")
         if not cfg.teacher.name:
             raise ConfigError("teacher.name is required")

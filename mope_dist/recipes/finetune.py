@@ -29,23 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mope_dist import dist
-from mope_dist.config import Config, TowerTarget, _is_local_path, config_from_argv
+from mope_dist.config import Config, TowerTarget, config_from_argv
 from mope_dist.distill.trainer import TrainArgs
 from mope_dist.errors import ConfigError
-from mope_dist.jobs import (
-    check_targets,
-    prepare_run_dir,
-    prune_phase,
-    retrieval_evaluator,
-    score_units,
-    train_and_export,
-    train_args,
-    train_loader,
-)
 from mope_dist.model import count_flops, count_params, load_model, load_teacher
-from mope_dist.utils import atomic_write_json, atomic_write_text, get_logger
+from mope_dist.recipes.builders import retrieval_evaluator, train_loader
+from mope_dist.recipes.phases import check_targets, prune_phase, score_units
+from mope_dist.recipes.run_dir import prepare_run_dir
+from mope_dist.recipes.training import train_and_export, train_args
+from mope_dist.utils import atomic_write_json, atomic_write_text, get_logger, is_local_path
 
-log = get_logger("mope_dist.finetune")
+log = get_logger("mope_dist.recipes.finetune")
 
 TOWERS = ("vision", "text")
 # Which prune.<tower> targets each stage applies, and the unit kind MoPE scores for each target.
@@ -202,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("finetune.eval_data (held-out retrieval pairs) is required by the finetune job")
     # checked here, not in config validation, whose test of the shipped recipes redirects only the
     # older data keys to existing paths
-    if _is_local_path(eval_data) and not Path(eval_data).exists():
+    if is_local_path(eval_data) and not Path(eval_data).exists():
         raise ConfigError(f"finetune.eval_data: path {eval_data} does not exist")
     out = prepare_run_dir(cfg)
     base = (cfg.teacher.name, cfg.teacher.pretrained)
