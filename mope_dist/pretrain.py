@@ -20,7 +20,6 @@ from mope_dist.jobs import (
     prune_phase,
     score_units,
     train_and_export,
-    train_args,
     train_loader,
     zeroshot_evaluator,
 )
@@ -40,7 +39,6 @@ def main(argv: list[str] | None = None) -> None:
     # Everything that can fail on bad input is built before the first expensive phase.
     check_targets(cfg, teacher.spec)
     loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
-    args = train_args(cfg, info.world_size)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     scores_path = out / "scores" / "scores.json"
@@ -62,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     student = load_model(out / "pruned")
 
     provenance = {"teacher": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
-    train_and_export(student, teacher, loader, args, out, info, evaluate=evaluate, provenance=provenance)
+    train_and_export(student, teacher, loader, cfg, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(
             f"done: scores {scores_path}, plan {out / 'plan.json'}, pruned student {out / 'pruned'}, "

@@ -12,7 +12,7 @@ import sys
 
 from mope_dist import dist
 from mope_dist.config import config_from_argv
-from mope_dist.jobs import prepare_run_dir, train_and_export, train_args, train_loader, zeroshot_evaluator
+from mope_dist.jobs import prepare_run_dir, train_and_export, train_loader, zeroshot_evaluator
 from mope_dist.model import load_teacher
 
 
@@ -24,11 +24,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg.teacher.name, cfg.teacher.pretrained
     )
     loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
-    args = train_args(cfg, info.world_size, distill=False)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     provenance = {"architecture": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
-    train_and_export(model, None, loader, args, out, info, evaluate=evaluate, provenance=provenance)
+    train_and_export(model, None, loader, cfg, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(f"done: trained model {out / 'final'} (evaluations in {out / 'metrics.jsonl'})", flush=True)
 
