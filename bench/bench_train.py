@@ -103,30 +103,36 @@ def _batches(n: int, batch: int, cfg: dict, rank: int, device) -> list:
     return out
 
 
-def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, args, info) -> float:
+def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, settings, info) -> float:
     """Steady-state samples/s as logged by the trainer: the second of two equal log windows."""
     from mope_dist.distill.trainer import train
 
-    train(student, teacher, loader, args, out_dir, info)
+    cfg, ds, batch = settings
+    train(
+        student,
+        teacher,
+        loader,
+        cfg,
+        ds,
+        micro_batch_size=batch,
+        output_dir=out_dir,
+        dist_info=info,
+        max_skip_rate=1.0,
+    )
     lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [x["perf/samples_per_s"] for x in lines if "perf/samples_per_s" in x]
     return windows[-1]
 
 
-def _train_args(opts, steps: int, batch: int, distill: bool, **kw):
-    from mope_dist.distill.trainer import TrainArgs
+def _settings(opts, steps: int, batch: int, zero_stage: int | None = None):
+    """(DistillConfig, DeepSpeedConfig, micro batch) of a trainer run: `steps` warm-up then `steps` timed,
+    one log window each; all four loss terms when the run has a teacher (contrastive only without)."""
+    from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
 
-    weights = dict(kd_weight=1.0, embed_weight=100.0, hidden_weight=1.0, temperature=2.0) if distill else {}
-    kw = {"zero_stage": opts.zero, "precision": opts.precision, **kw}
-    return TrainArgs(
-        total_steps=2 * steps,
-        micro_batch_size=batch,
-        lr=1e-4,
-        warmup_steps=2,
-        log_every=steps,
-        **weights,
-        **kw,
-    )
+    losses = LossWeights(contrastive=1.0, kd=1.0, kd_temperature=2.0, embed=100.0, hidden=1.0)
+    cfg = DistillConfig(steps=2 * steps, lr=1e-4, warmup_steps=2, log_every=steps, losses=losses)
+    zero = opts.zero if zero_stage is None else zero_stage
+    return cfg, DeepSpeedConfig(zero_stage=zero, precision=opts.precision), batch
 
 
 def _autocast(opts, device):
@@ -155,21 +161,22 @@ def part_distill(info, opts, out: Path) -> dict:
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from mope_dist.distill.losses import HiddenRecorder, make_loss
     from mope_dist.distill.optim import lr_at, make_optimizer, set_lr
-    from mope_dist.distill.trainer import HiddenRecorder, make_loss
 
     device = info.device
     batches = _batches(opts.steps, opts.batch, MODEL, info.rank, device)
-    args = _train_args(opts, opts.steps, opts.batch, distill=True)
+    settings = _settings(opts, opts.steps, opts.batch)
+    cfg = settings[0]
 
     # plain PyTorch: DDP student, frozen teacher (bf16 on GPU, like the trainer's), the same loss, AdamW
     student, teacher = _student_teacher(MODEL)
     student.to(device)
     teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False)
-    loss_fn = make_loss(args, student, teacher)
+    loss_fn = make_loss(cfg, student, teacher)
     s_rec, t_rec = HiddenRecorder(student), HiddenRecorder(teacher)
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = make_optimizer(student, args.lr, args.weight_decay, args.betas, args.eps)
+    optimizer = make_optimizer(student, cfg)
 
     def plain(_round) -> float:
         for step in range(2 * opts.steps):  # the first half warms up
@@ -177,21 +184,21 @@ def part_distill(info, opts, out: Path) -> dict:
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
             images, texts = batches[step % len(batches)]
-            set_lr(optimizer, lr_at(step, args.lr, args.warmup_steps, args.total_steps))
+            set_lr(optimizer, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             with torch.no_grad():
                 t_out = t_rec(teacher, images.to(teacher.logit_scale.dtype), texts)
             with _autocast(opts, device):
                 loss, _ = loss_fn(s_rec(ddp, images, texts), t_out)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
         torch.distributed.barrier()
         return opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
 
     def trainer(r) -> float:
         s, t = _student_teacher(MODEL)
-        return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches), args, info)
+        return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches), settings, info)
 
     base, ours = _alternate(opts, plain, trainer)
     return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base)}
@@ -245,8 +252,8 @@ def part_openclip(info, opts, out: Path) -> dict:
 
     def trainer(r) -> float:
         student = from_open_clip(_open_clip_model(MODEL)).train()  # the same initial weights (same seed)
-        args = _train_args(opts, opts.steps, opts.batch, distill=False)
-        return _trainer_samples_per_s(out / f"openclip_{r}", student, None, Batches(batches), args, info)
+        settings = _settings(opts, opts.steps, opts.batch)
+        return _trainer_samples_per_s(out / f"openclip_{r}", student, None, Batches(batches), settings, info)
 
     base, ours = _alternate(opts, open_clip_train, trainer)
     return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base)}
@@ -281,8 +288,11 @@ def part_memory(info, opts, out: Path) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = _rss_mb()
-    args = _train_args(opts, 1, opts.memory_batch, distill=False, zero_stage=opts.stage)
-    result = train(model, None, Batches(batches), args, out / f"memory_zero{opts.stage}", info)
+    cfg, ds, batch = _settings(opts, 1, opts.memory_batch, zero_stage=opts.stage)
+    result = train(
+        model, None, Batches(batches), cfg, ds, micro_batch_size=batch,
+        output_dir=out / f"memory_zero{opts.stage}", dist_info=info, max_skip_rate=1.0,
+    )  # fmt: skip
     gc.collect()
     r = {
         "params_m": params_m,

@@ -92,32 +92,47 @@ class PruneConfig:
 
 @dataclass
 class LossWeights:
+    """Weights of the training loss terms (0 skips a term and the work it needs). kd, embed and hidden
+    apply when there is a teacher (pretrain, finetune stages); training without one (train_clip,
+    finetune's teacher phase) uses the contrastive term alone."""
+
     contrastive: float = 1.0
+    # Cross-modal KD: KL between the student's and the teacher's image-text logits at kd_temperature.
     kd: float = 1.0
     kd_temperature: float = 1.0
+    # MSE of the normalised embeddings (a mean over elements: useful weights are large, ~1e3).
     embed: float = 1.0
+    # MSE of each kept block's output against the teacher block it was cut from.
     hidden: float = 1.0
 
 
 @dataclass
 class DistillConfig:
+    """The training loop's settings (mope_dist.distill.train takes this section as it is)."""
+
+    # Optimizer steps; each takes data.batch_size samples over grad_accum micro-steps.
     steps: int = 1000
     lr: float = 5e-4
     min_lr: float = 0.0
+    # Linear warmup to lr, then cosine decay to min_lr at `steps`.
     warmup_steps: int = 100
     weight_decay: float = 0.2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
+    # Gradient-norm clipping; 0 disables.
     grad_clip: float = 1.0
     grad_accum: int = 1
     losses: LossWeights = field(default_factory=LossWeights)
+    # open_clip's ClipLoss options: each rank's rows only / gradients through the feature all-gather.
     local_loss: bool = False
     gather_with_grad: bool = False
     # Recompute block activations in backward: less memory for a larger batch.
     grad_checkpointing: bool = False
     log_every: int = 10
+    # Checkpoint every this many steps, and at the end.
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    # Evaluate (eval.data) every this many steps; 0: only at the end.
     eval_every: int = 0
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_nonfinite_steps: int = 20
@@ -126,6 +141,8 @@ class DistillConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 1
+    # The student's working precision (bf16/fp16 keep fp32 master weights in the optimizer); the
+    # frozen teacher runs in bf16 on GPU, fp32 on CPU.
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     # Extra keys merged into the generated DeepSpeed config dict (e.g. offload settings).
     extra: dict[str, Any] = field(default_factory=dict)

@@ -212,7 +212,8 @@ def zeroshot(model, rank: int = 0, world: int = 1) -> dict:
 def _worker(out: Path) -> None:
     """Two steps of the project's trainer per ZeRO stage (a checkpoint after each), then its own export."""
     from mope_dist import dist
-    from mope_dist.distill.trainer import TrainArgs, export_student, train
+    from mope_dist.config import DeepSpeedConfig, DistillConfig
+    from mope_dist.distill import export_student, train
 
     info = dist.init_distributed(timeout_s=120, use_deepspeed=True)
     for stage, precision in RUNS.items():
@@ -220,11 +221,13 @@ def _worker(out: Path) -> None:
         student = tiny_student()
         if info.is_main:
             save_pretrained(student, run / "pruned")
-        args = TrainArgs(
-            total_steps=2, micro_batch_size=4, lr=1e-2, zero_stage=stage, precision=precision, save_every=1
-        )
+        cfg = DistillConfig(steps=2, lr=1e-2, warmup_steps=0, ckpt_every=1)  # no teacher: contrastive only
+        ds = DeepSpeedConfig(zero_stage=stage, precision=precision)
         evaluate = (lambda m: zeroshot(m, info.rank, info.world_size)) if stage == 3 else None
-        result = train(student.train(), None, RandomLoader(info.rank), args, run, info, evaluate=evaluate)
+        result = train(
+            student.train(), None, RandomLoader(info.rank), cfg, ds, micro_batch_size=4, output_dir=run,
+            dist_info=info, max_skip_rate=1.0, evaluate=evaluate,
+        )  # fmt: skip
         export_student(result.engine, run / "final")
         if info.is_main:
             (run / "eval.json").write_text(json.dumps(result.eval))

@@ -9,7 +9,20 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port
 
+from mope_dist.config import LossWeights
 from mope_dist.distill.losses import CLIPOutputs, DistillLoss, layer_map
+
+
+def loss_of(local_loss=False, gather_with_grad=False, image_layers=None, text_layers=None, **weights):
+    """DistillLoss with the terms a test names (the rest off; LossWeights' own defaults turn all on)."""
+    w = LossWeights(**{"contrastive": 1.0, "kd": 0.0, "embed": 0.0, "hidden": 0.0, **weights})
+    return DistillLoss(
+        w,
+        local_loss=local_loss,
+        gather_with_grad=gather_with_grad,
+        image_layers=image_layers,
+        text_layers=text_layers,
+    )
 
 
 def _outputs(n=6, d=8, layers=2, tokens=3, width=5, seed=0, scale=10.0) -> CLIPOutputs:
@@ -80,7 +93,7 @@ def test_terms_match_naive_computation():
     image_index = layer_map([1, 3], [0, 1, 2, 3])
     text_index = layer_map([0, 2], [0, 1, 2, 3])
     weights = {"contrastive": 1.0, "kd": 0.5, "embed": 100.0, "hidden": 2.0}
-    loss = DistillLoss(**weights, temperature=2.0, image_layers=image_index, text_layers=text_index)
+    loss = loss_of(**weights, kd_temperature=2.0, image_layers=image_index, text_layers=text_index)
     total, terms = loss(student, teacher)
     naive = _naive_terms(student, teacher, 2.0, image_index, text_index)
     for k in naive:
@@ -92,7 +105,7 @@ def test_contrastive_matches_open_clip_cliploss():
     from open_clip.loss import ClipLoss  # imported here: the spawned workers below need not load open_clip
 
     s = _outputs(seed=3)
-    _, terms = DistillLoss()(s)
+    _, terms = loss_of()(s)
     assert terms["contrastive"].item() == pytest.approx(
         ClipLoss()(s.image, s.text, s.logit_scale).item(), rel=1e-6
     )
@@ -101,11 +114,9 @@ def test_contrastive_matches_open_clip_cliploss():
 def test_teacher_as_student_gives_zero_distillation_terms():
     t = _outputs(seed=4, layers=3)
     loss = DistillLoss(
-        contrastive=1.0,
-        kd=1.0,
-        embed=1.0,
-        hidden=1.0,
-        temperature=3.0,
+        LossWeights(contrastive=1.0, kd=1.0, embed=1.0, hidden=1.0, kd_temperature=3.0),
+        local_loss=False,
+        gather_with_grad=False,
         image_layers=[0, 1, 2],
         text_layers=[0, 1, 2],
     )
@@ -118,20 +129,26 @@ def test_teacher_as_student_gives_zero_distillation_terms():
 def test_zero_weight_skips_term_and_teacher():
     s = _outputs()
     s.image_hidden = s.text_hidden = None
-    loss = DistillLoss(contrastive=1.0)
+    loss = loss_of(contrastive=1.0)
     assert not loss.needs_teacher and not loss.needs_hidden
     total, terms = loss(s)  # no teacher, no hidden states: nothing else is touched
     assert set(terms) == {"contrastive"} and total.item() == terms["contrastive"].item()
-    _, terms = DistillLoss(contrastive=0.0, embed=1.0)(s, _outputs(seed=9))
+    _, terms = loss_of(contrastive=0.0, embed=1.0)(s, _outputs(seed=9))
     assert set(terms) == {"embed"}
     with pytest.raises(ValueError):
-        DistillLoss(kd=1.0)(s)
+        loss_of(kd=1.0)(s)
     with pytest.raises(ValueError):
         layer_map([0, 5], [0, 1, 2])
 
 
 KW = dict(
-    contrastive=1.0, kd=0.7, embed=3.0, hidden=0.5, temperature=2.0, image_layers=[0, 1], text_layers=[1, 0]
+    contrastive=1.0,
+    kd=0.7,
+    embed=3.0,
+    hidden=0.5,
+    kd_temperature=2.0,
+    image_layers=[0, 1],
+    text_layers=[1, 0],
 )
 
 
@@ -141,7 +158,7 @@ def _global_reference(student, teacher, kw):
         student.image.clone().requires_grad_(), student.text.clone().requires_grad_(), student.logit_scale
     )
     s.image_hidden, s.text_hidden = student.image_hidden, student.text_hidden
-    total, terms = DistillLoss(**kw)(s, teacher)
+    total, terms = loss_of(**kw)(s, teacher)
     total.backward()
     return total.detach(), terms, s.image.grad, s.text.grad
 
@@ -169,7 +186,7 @@ def _worker(rank, world, port, queue):
         for local_loss in (False, True):
             for with_grad in (False, True):
                 case = f"local_loss={local_loss} with_grad={with_grad}"
-                total, terms = DistillLoss(**KW, local_loss=local_loss, gather_with_grad=with_grad)(
+                total, terms = loss_of(**KW, local_loss=local_loss, gather_with_grad=with_grad)(
                     local(student), local(teacher)
                 )
                 mean_total = total.detach().clone()
@@ -182,7 +199,7 @@ def _worker(rank, world, port, queue):
                     ]
                     # gradient of the global loss for the local rows; with_grad sums the copies of all ranks
                     s = local(student, grad=True)
-                    DistillLoss(**cross_modal, gather_with_grad=with_grad)(s, local(teacher))[0].backward()
+                    loss_of(**cross_modal, gather_with_grad=with_grad)(s, local(teacher))[0].backward()
                     factor = world if with_grad else 1
                     if not torch.allclose(s.image.grad, factor * ref_gi[rows], atol=1e-6):
                         errors.append(f"{case}: image grad")

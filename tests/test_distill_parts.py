@@ -1,5 +1,5 @@
-"""Single-process pieces of the trainer: param groups, LR schedule, DS config, checkpoint manager, mirror,
-metrics log, hidden-state recorder."""
+"""Single-process pieces of the trainer: param groups, LR schedule, DS config, the loss from the config,
+checkpoint manager, mirror, metrics log, hidden-state recorder."""
 
 import json
 import math
@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
 from mope_dist.distill.checkpoint import MARKER, CheckpointManager, Mirror, step_tag
+from mope_dist.distill.losses import HiddenRecorder, make_loss
 from mope_dist.distill.metrics import MetricsLog
 from mope_dist.distill.optim import build_ds_config, lr_at, param_groups
-from mope_dist.distill.trainer import HiddenRecorder
 
 
 @pytest.fixture
@@ -60,16 +61,35 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_ds_config_dict():
-    c = build_ds_config(8, 4, zero_stage=2, precision="bf16", grad_clip=1.0)
+    c = build_ds_config(DeepSpeedConfig(zero_stage=2, precision="bf16"), 8, 4, grad_clip=1.0)
     assert c["train_micro_batch_size_per_gpu"] == 8 and c["gradient_accumulation_steps"] == 4
     assert c["zero_optimization"] == {"stage": 2} and c["bf16"]["enabled"] and not c["fp16"]["enabled"]
     assert c["gradient_clipping"] == 1.0
-    c = build_ds_config(8, extra={"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True})
+    extra = {"zero_optimization": {"overlap_comm": True}, "wall_clock_breakdown": True}
+    c = build_ds_config(DeepSpeedConfig(zero_stage=0, precision="fp32", extra=extra), 8, 1, grad_clip=0.0)
     assert c["zero_optimization"] == {"stage": 0, "overlap_comm": True} and c["wall_clock_breakdown"]
+    assert not c["bf16"]["enabled"] and not c["fp16"]["enabled"] and c["gradient_clipping"] == 0.0
     with pytest.raises(ValueError):
-        build_ds_config(8, zero_stage=4)
+        build_ds_config(DeepSpeedConfig(zero_stage=4), 8, 1, 0.0)
     with pytest.raises(ValueError):
-        build_ds_config(8, precision="fp8")
+        build_ds_config(DeepSpeedConfig(precision="fp8"), 8, 1, 0.0)
+
+
+def test_loss_is_the_configs_and_contrastive_only_without_a_teacher(tiny_prunable):
+    from mope_dist.model import KeepSpec, TowerKeep, slice_model
+
+    student = slice_model(
+        tiny_prunable, KeepSpec(vision=TowerKeep(layers=[1]), text=TowerKeep(layers=[0, 1]))
+    )
+    losses = LossWeights(contrastive=0.5, kd=2.0, kd_temperature=3.0, embed=4.0, hidden=5.0)
+    cfg = DistillConfig(losses=losses, local_loss=True)
+    loss = make_loss(cfg, student, tiny_prunable)
+    assert loss.weights == {"contrastive": 0.5, "kd": 2.0, "embed": 4.0, "hidden": 5.0}
+    assert loss.temperature == 3.0 and loss.local_loss and not loss.gather_with_grad
+    assert loss.image_layers == [1] and loss.text_layers == [0, 1]  # teacher block each kept layer came from
+    alone = make_loss(cfg, student, None)  # plain CLIP training: the distillation weights do not apply
+    assert alone.weights == {"contrastive": 0.5, "kd": 0.0, "embed": 0.0, "hidden": 0.0}
+    assert not alone.needs_teacher and not alone.needs_hidden
 
 
 class FakeEngine:

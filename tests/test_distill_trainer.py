@@ -76,13 +76,22 @@ def tiny_pair(seed=0):
     return slice_model(teacher, keep).train(), teacher
 
 
-def args_for(**kw):
-    from mope_dist.distill.trainer import TrainArgs
+def run_train(student, teacher, loader, out, info, evaluate=None, mirror_url=None, **settings):
+    """train() with the tests' settings: DistillConfig / DeepSpeedConfig keys by name (ZeRO-0 fp32 unless
+    given), 2 steps of 2 micro-batches, all four loss terms."""
+    from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
+    from mope_dist.distill.trainer import train
 
-    base = dict(total_steps=2, micro_batch_size=B, lr=1e-3, warmup_steps=1, log_every=1, grad_accum_steps=2)
-    base.update(contrastive_weight=1.0, kd_weight=1.0, embed_weight=10.0, hidden_weight=1.0, temperature=2.0)
-    base.update(kw)
-    return TrainArgs(**base)
+    ds = DeepSpeedConfig(
+        zero_stage=settings.pop("zero_stage", 0), precision=settings.pop("precision", "fp32")
+    )
+    losses = LossWeights(contrastive=1.0, kd=1.0, kd_temperature=2.0, embed=10.0, hidden=1.0)
+    base = dict(steps=2, lr=1e-3, warmup_steps=1, log_every=1, grad_accum=2, losses=losses)
+    cfg = DistillConfig(**{**base, **settings})
+    return train(
+        student, teacher, loader, cfg, ds, micro_batch_size=B, output_dir=out, dist_info=info,
+        max_skip_rate=1.0, mirror_url=mirror_url, evaluate=evaluate,
+    )  # fmt: skip
 
 
 def fingerprint(model):
@@ -98,7 +107,7 @@ def suite_stages(out: Path, info, record):
     from conftest import tiny_images, tiny_texts
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mope_dist.distill.trainer import export_student, train
+    from mope_dist.distill.engine import export_student
     from mope_dist.model import load_model
 
     probe_images, probe_texts = tiny_images(2, seed=7), tiny_texts(2, seed=7)
@@ -114,10 +123,10 @@ def suite_stages(out: Path, info, record):
         before = fingerprint(student)
         run = out / name
         mirror = f"file://{out}/mirror_{name}" if (stage, precision) == (2, "fp32") else None
-        args = args_for(
-            zero_stage=stage, precision=precision, save_every=1, keep_checkpoints=1, mirror_url=mirror
-        )
-        result = train(student, teacher, RandomLoader(info.rank), args, run, info, evaluate=evaluate)
+        result = run_train(
+            student, teacher, RandomLoader(info.rank), run, info, evaluate=evaluate, mirror_url=mirror,
+            zero_stage=stage, precision=precision, ckpt_every=1, keep_checkpoints=1,
+        )  # fmt: skip
         export_student(result.engine, run / "final", provenance={"test": name})
         exported = load_model(run / "final")
         r = {"step": result.state.step, "eval": result.eval, "samples_seen": result.state.samples_seen}
@@ -153,12 +162,22 @@ def suite_resume(out: Path, info, record):
     import torch
 
     from mope_dist.distill.checkpoint import CheckpointManager
-    from mope_dist.distill.trainer import full_state_dict, train
+    from mope_dist.distill.engine import full_state_dict
 
     def run(name, loader, **kw):
         student, teacher = tiny_pair()
-        args = args_for(total_steps=5, zero_stage=2, save_every=2, keep_checkpoints=2, **kw)
-        result = train(student, teacher, loader, args, out / name, info)
+        result = run_train(
+            student,
+            teacher,
+            loader,
+            out / name,
+            info,
+            steps=5,
+            zero_stage=2,
+            ckpt_every=2,
+            keep_checkpoints=2,
+            **kw,
+        )
         return result, student
 
     # 5 steps x 2 micro-batches = 10 batches: crosses the epoch boundary (6 per epoch)
@@ -194,9 +213,9 @@ def suite_resume(out: Path, info, record):
     # a NaN batch on rank 1 only: the step is skipped on both ranks and counted once; 5 steps still happen
     nan, _ = run("nan", RandomLoader(info.rank, nan_batches={(0, 1)} if info.rank == 1 else set()))
     record["nan_step"], record["nan_skipped"] = nan.state.step, nan.state.skipped_steps
-    # NaN from step 3 on: stop after max_consecutive_skips with a clear error, step-2 checkpoint intact
+    # NaN from step 3 on: stop after max_nonfinite_steps with a clear error, step-2 checkpoint intact
     try:
-        run("all_nan", RandomLoader(info.rank, nan_from=(0, 4)), max_consecutive_skips=3)
+        run("all_nan", RandomLoader(info.rank, nan_from=(0, 4)), max_nonfinite_steps=3)
         record["all_nan_error"] = None
     except RuntimeError as e:
         record["all_nan_error"] = str(e)
@@ -215,8 +234,16 @@ def suite_resume(out: Path, info, record):
 
         next(iter(student.parameters())).register_hook(hook)
         loader = RandomLoader(info.rank, on_batch=lambda n, poison=poison: poison.update(on=n == 1))
-        args = args_for(total_steps=3, zero_stage=stage, grad_accum_steps=1)
-        result = train(student, teacher, loader, args, out / f"nan_grad_zero{stage}", info)
+        result = run_train(
+            student,
+            teacher,
+            loader,
+            out / f"nan_grad_zero{stage}",
+            info,
+            steps=3,
+            zero_stage=stage,
+            grad_accum=1,
+        )
         finite = all(torch.isfinite(t).all() for t in full_state_dict(result.engine).values())
         record[f"nan_grad_zero{stage}"] = [result.state.step, result.state.skipped_steps, bool(finite)]
 

@@ -177,7 +177,6 @@ def worker(root: Path) -> None:
 
     from mope_dist import dist
     from mope_dist.config import load_config
-    from mope_dist.distill.trainer import TrainArgs
     from mope_dist.model import load_model, load_teacher
     from mope_dist.recipes import finetune
     from mope_dist.recipes.builders import train_loader
@@ -199,8 +198,9 @@ def worker(root: Path) -> None:
     ):
         models = [load_model(root / "teacher"), load_model(root / "teacher")]  # student, teacher
         refs = [weakref.ref(m) for m in models]
-        args = TrainArgs(1, 4, zero_stage=zero, kd_weight=1.0, hidden_weight=hidden, log_every=1)
-        train_and_export(models.pop(0), models.pop(0), loader, args, root / "engines" / name, info)
+        settings = [f"deepspeed.zero_stage={zero}", "distill.steps=1", "distill.losses.embed=0"]
+        run_cfg = load_config(recipe, [*settings, f"distill.losses.hidden={hidden}"])
+        train_and_export(models.pop(0), models.pop(0), loader, run_cfg, root / "engines" / name, info)
         result[name] = {"freed": [r() is None for r in refs], "process_groups": len(c10d._world.pg_map)}
     result["gc_enabled"] = gc.isenabled()
 

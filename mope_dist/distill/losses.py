@@ -1,10 +1,12 @@
 """Distillation losses: CLIP contrastive, cross-modal KD, embedding MSE and hidden-state MSE.
 
-Every term has a weight; a weight of 0 skips its computation (and the teacher/hidden work it needs).
+Every term has a weight (config.LossWeights, distill.losses); a weight of 0 skips its computation
+(and the teacher/hidden work it needs). `make_loss` builds the loss a DistillConfig describes;
+`HiddenRecorder` collects the block outputs the hidden-state term reads.
 
 Distributed semantics follow open_clip's `ClipLoss`: features are all-gathered so the similarity
 matrices cover the GLOBAL batch.
-- `gather_with_grad=False` (default): gathered copies carry no gradient; with `local_loss=False` the
+- `gather_with_grad=False`: gathered copies carry no gradient; with `local_loss=False` the
   rank's own slice is replaced by its local (grad-carrying) features, so every rank computes the same
   global loss value and its gradient reaches only the local features.
 - `gather_with_grad=True`: `torch.distributed.nn.all_gather`, gradients flow back to every rank.
@@ -15,6 +17,8 @@ The cross-modal KD term uses exactly the same logit layout as the contrastive te
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +27,7 @@ import torch.distributed.nn  # autograd-aware all_gather for gather_with_grad
 import torch.nn.functional as F
 from torch import Tensor
 
+from mope_dist.config import DistillConfig, LossWeights
 from mope_dist.dist import get_rank, get_world_size
 
 LOSS_TERMS = ("contrastive", "kd", "embed", "hidden")
@@ -128,32 +133,29 @@ class DistillLoss:
     """Weighted sum of the four terms. Returns (total, {term: detached value}) for logging.
 
     `image_layers` / `text_layers`: teacher hidden index per student layer (see `layer_map`); needed
-    only when `hidden > 0`. With no teacher only the contrastive term is computed.
+    only when `weights.hidden > 0`. With no teacher only the contrastive term is computed.
     """
 
     def __init__(
         self,
-        contrastive: float = 1.0,
-        kd: float = 0.0,
-        embed: float = 0.0,
-        hidden: float = 0.0,
-        temperature: float = 1.0,
-        local_loss: bool = False,
-        gather_with_grad: bool = False,
+        weights: LossWeights,
+        *,
+        local_loss: bool,
+        gather_with_grad: bool,
         image_layers: list[int] | None = None,
         text_layers: list[int] | None = None,
     ):
-        if min(contrastive, kd, embed, hidden) < 0 or temperature <= 0:
-            raise ValueError("loss weights must be >= 0 and temperature > 0")
-        if max(contrastive, kd, embed, hidden) == 0:
+        self.weights = {k: getattr(weights, k) for k in LOSS_TERMS}
+        if min(self.weights.values()) < 0 or weights.kd_temperature <= 0:
+            raise ValueError("loss weights must be >= 0 and kd_temperature > 0")
+        if max(self.weights.values()) == 0:
             raise ValueError("at least one loss weight must be > 0")
-        self.weights = {"contrastive": contrastive, "kd": kd, "embed": embed, "hidden": hidden}
-        self.temperature = temperature
+        self.temperature = weights.kd_temperature
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
         self.image_layers = image_layers
         self.text_layers = text_layers
-        if hidden > 0 and (image_layers is None or text_layers is None):
+        if weights.hidden > 0 and (image_layers is None or text_layers is None):
             raise ValueError("hidden-state distillation needs image_layers and text_layers")
 
     @property
@@ -191,3 +193,63 @@ class DistillLoss:
             terms["hidden"] = torch.stack(per_layer).mean()
         total = sum(w[k] * v for k, v in terms.items())
         return total, {k: v.detach() for k, v in terms.items()}
+
+
+def make_loss(cfg: DistillConfig, student, teacher) -> DistillLoss:
+    """The loss cfg describes, for `student` distilled from `teacher` (hidden states map through each
+    kept layer's source layer). Without a teacher only the contrastive term is trained."""
+    weights = cfg.losses
+    if teacher is None:
+        weights = dataclasses.replace(weights, kd=0.0, embed=0.0, hidden=0.0)
+    layers = {}
+    if weights.hidden > 0:
+        layers = {
+            f"{tower}_layers": layer_map(
+                getattr(student.spec, spec).source_layers, getattr(teacher.spec, spec).source_layers
+            )
+            for tower, spec in (("image", "vision"), ("text", "text"))
+        }
+    return DistillLoss(weights, local_loss=cfg.local_loss, gather_with_grad=cfg.gather_with_grad, **layers)
+
+
+class HiddenRecorder:
+    """Collects every block output of both towers during a forward, through forward hooks.
+
+    Hooks (rather than a different forward) keep the DeepSpeed engine wrapping the plain model, so
+    ZeRO-3's parameter hooks and the checkpoint's parameter names stay those of the model.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.hidden: dict[str, list] = {"visual": [], "text": []}
+        self.active = False
+        self.handles = [
+            block.register_forward_hook(functools.partial(self._record, tower))
+            for tower in self.hidden
+            for block in getattr(model, tower).blocks
+        ]
+
+    def close(self) -> None:
+        """Remove the hooks and drop the last outputs (graph nodes that would keep the engine alive)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles, self.hidden = [], {"visual": [], "text": []}
+
+    def _record(self, tower, module, args, output):
+        if self.active:  # not during gradient-checkpoint recomputation in backward
+            self.hidden[tower].append(output)
+
+    def __call__(self, forward, images, texts) -> CLIPOutputs:
+        self.hidden, self.active = {"visual": [], "text": []}, True
+        try:
+            image, text, scale = forward(images, texts)[:3]
+        finally:
+            self.active = False
+        return CLIPOutputs(image, text, scale, self.hidden["visual"], self.hidden["text"])
+
+
+def clip_outputs(model, recorder: HiddenRecorder | None, images, texts) -> CLIPOutputs:
+    """`model(images, texts)` as the losses read it; with block outputs when `recorder` is given."""
+    if recorder is not None:
+        return recorder(model, images, texts)
+    image, text, scale = model(images, texts)[:3]
+    return CLIPOutputs(image, text, scale)

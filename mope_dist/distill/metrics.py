@@ -1,11 +1,16 @@
-"""Rank-0 training log: TensorBoard scalars, output_dir/metrics.jsonl, and one compact stdout line."""
+"""Training metrics: the log window every rank accumulates between log steps (reduced over ranks at
+each), and the rank-0 log: TensorBoard scalars, output_dir/metrics.jsonl, one compact stdout line."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
+import torch
+
+from mope_dist import dist
 from mope_dist.utils import atomic_write_text, get_logger
 
 log = get_logger("mope_dist.distill")
@@ -68,3 +73,72 @@ def format_line(step: int, total_steps: int, m: dict) -> str:
     if m.get("train/skipped_steps"):
         parts.append(f"skipped steps {m['train/skipped_steps']:.0f}")
     return " ".join(parts)
+
+
+class MetricWindow:
+    """What happened on this rank since the last log step: loss terms of the applied steps (device
+    tensors, summed without a host sync), micro-batches, data wait, wall time."""
+
+    def __init__(self):
+        self.skipped_logged: dict = {}  # the loader's skip counters at the last log step
+        self.restart()
+
+    def restart(self) -> None:
+        self.sums: dict = {}
+        self.micro = self.steps = 0
+        self.data_wait = 0.0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpoint time is not training throughput."""
+        self.t0 = time.perf_counter()
+
+    def add_step(self, step_sums: dict, micro_batches: int) -> None:
+        for k, v in step_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.micro += micro_batches
+        self.steps += 1
+
+    def summary(self, global_batch: int, world: int, loader, device: torch.device) -> dict:
+        """Loss terms and data wait averaged over ranks, throughput, and the loader's skip counters
+        summed over ranks. Collective."""
+        elapsed = time.perf_counter() - self.t0
+        local = {f"loss/{k}": v / max(1, self.micro) for k, v in self.sums.items()}
+        local["perf/data_wait_s"] = self.data_wait / self.steps
+        m = {k: v / world for k, v in reduce_sum(local, device).items()}
+        skipped = loader.skipped() if hasattr(loader, "skipped") else {}
+        if skipped:
+            if skipped != self.skipped_logged and any(skipped.values()):
+                nonzero = {k: v for k, v in skipped.items() if v}
+                log.warning(f"data: skipped on this rank so far: {nonzero}")  # per rank (tagged lines)
+            self.skipped_logged = skipped
+            counts = reduce_sum({f"data/skipped/{k}": v for k, v in skipped.items()}, device)
+            m.update(counts)
+            m["data/skipped_samples"] = sum(counts.values())
+        if hasattr(loader, "sample_counts"):
+            c = loader.sample_counts()
+            totals = reduce_sum({"used": c["used"], "skipped": c["skipped"]}, device)
+            m["data/used_samples"], m["data/unusable_samples"] = totals["used"], totals["skipped"]
+        samples_per_s = self.steps * global_batch / elapsed
+        m["perf/samples_per_s"] = samples_per_s
+        m["perf/samples_per_s_per_device"] = samples_per_s / world
+        m["perf/step_time_s"] = elapsed / self.steps
+        return m
+
+
+def reduce_sum(values: dict, device: torch.device) -> dict[str, float]:
+    """Sum over ranks of per-rank numbers or scalar tensors with identical keys (one all-reduce)."""
+    keys = sorted(values)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
+    return dict(zip(keys, dist.all_reduce_sum(t).tolist(), strict=True))
+
+
+def flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
+    """{"imagenet": {"top1": 0.5}, "n": 3, "note": "x"} -> {"imagenet/top1": 0.5, "n": 3.0} (numbers only)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
+    return out

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from mope_dist.config import DeepSpeedConfig, DistillConfig
+
 NO_DECAY_NAMES = ("embedding", "logit_scale")  # token/positional/class embeddings, temperature
 
 
@@ -26,14 +28,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def make_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.98), eps: float = 1e-6
-) -> torch.optim.AdamW:
-    """torch AdamW (no fused kernel to JIT-build, works on CPU and GPU under every ZeRO stage)."""
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), eps=eps)
+def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
+    """torch AdamW (no fused kernel to JIT-build, works on CPU and GPU under every ZeRO stage) with
+    cfg's lr, weight_decay, betas and eps."""
+    groups = param_groups(model, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to min_lr.
 
     A pure function of the step, so a resumed run gets the same LR as an uninterrupted one.
@@ -50,36 +52,30 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def build_ds_config(
-    micro_batch_size: int,
-    grad_accum_steps: int = 1,
-    zero_stage: int = 0,
-    precision: str = "fp32",
-    grad_clip: float = 0.0,
-    extra: dict | None = None,
-) -> dict:
+def build_ds_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
     """DeepSpeed config dict (passed to deepspeed.initialize(config=...), never written to a file).
 
-    `extra` is merged last (e.g. {"zero_optimization": {"offload_optimizer": {...}}}), one level deep.
+    `ds.extra` is merged last (e.g. {"zero_optimization": {"offload_optimizer": {...}}}), one level deep;
+    `grad_clip` 0 leaves clipping to the caller.
     Non-finite gradients skip the step in every precision: fp16 through the dynamic loss scaler,
     bf16 through `check_grad_overflow`; fp32 through the gradient-norm check (see trainer).
     """
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"zero_stage must be 0-3, got {zero_stage}")
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage must be 0-3, got {ds.zero_stage}")
+    if ds.precision not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision must be fp32, bf16 or fp16, got {ds.precision!r}")
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": grad_clip,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": ds.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": precision == "bf16", "check_grad_overflow": True},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 2**31 - 1,  # the trainer does its own logging
         "wall_clock_breakdown": False,
     }
-    for key, value in (extra or {}).items():
+    for key, value in ds.extra.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             config[key] = {**config[key], **value}
         else:

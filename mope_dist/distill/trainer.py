@@ -1,13 +1,18 @@
 """The training loop: DeepSpeed engine on the student, frozen teacher beside it, one loop top to bottom.
 
-    result = train(student, teacher, loader, TrainArgs(...), output_dir, dist_info, evaluate=None)
+    result = train(student, teacher, loader, cfg.distill, cfg.deepspeed, micro_batch_size=...,
+                   output_dir=..., dist_info=..., max_skip_rate=cfg.data.max_skip_rate,
+                   mirror_url=cfg.output.sync_url, evaluate=None)
     export_student(result.engine, output_dir / "final", provenance={...})
 
+- Settings: the config's `distill` and `deepspeed` sections as they are (mope_dist.config holds the
+  one default of each); what the caller decides per call (micro batch, output dir, evaluator) are
+  plain arguments.
 - Student: a PrunableCLIP wrapped by `deepspeed.initialize` (ZeRO 0-3, fp32/bf16/fp16, gradient
   accumulation and clipping from the DS config dict). torch AdamW, no weight decay on norms, biases,
   embeddings and logit_scale. LR: warmup + cosine, a pure function of the optimizer step.
 - Teacher (optional): outside the engine, frozen, eval mode; bf16 on GPU, fp32 on CPU. Without a
-  teacher (or with only the contrastive weight) this is plain CLIP pre-training.
+  teacher only the contrastive loss is trained (plain CLIP pre-training or fine-tuning).
 - Loader protocol (mope_dist.data.ImageTextLoader): `len(loader)` batches per epoch on every rank,
   `loader.set_epoch(epoch, start_step)` then `iter(loader)` yields the epoch's remaining
   (images, tokens) batches; optional `loader.skipped() -> {reason: count}` (summed over ranks into
@@ -17,7 +22,7 @@
 - Non-finite loss or gradients (any rank): the optimizer step is skipped (a non-finite loss makes
   non-finite gradients; DeepSpeed's overflow check catches them under ZeRO 1-3, bf16 and fp16, our own
   gradient-norm check under ZeRO-0 fp32), so the loop never waits on the GPU for a per-batch loss
-  check. Skips are counted; after `max_consecutive_skips` in a row training stops with an error and
+  check. Skips are counted; after `max_nonfinite_steps` in a row training stops with an error and
   the last checkpoint intact.
 - Resume: the newest complete checkpoint restores module, optimizer, step and data position
   (epoch, batches consumed in it), so the LR continues and the data stream does not replay.
@@ -26,21 +31,20 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from mope_dist import dist
+from mope_dist.config import DeepSpeedConfig, DistillConfig
 from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
-from mope_dist.distill.losses import CLIPOutputs, DistillLoss, layer_map
-from mope_dist.distill.metrics import MetricsLog, format_line
-from mope_dist.distill.optim import build_ds_config, lr_at, make_optimizer, set_lr
+from mope_dist.distill.engine import build_engine, gathered, own_clipping
+from mope_dist.distill.losses import DistillLoss, HiddenRecorder, clip_outputs, make_loss
+from mope_dist.distill.metrics import MetricsLog, MetricWindow, flat_numbers, format_line
+from mope_dist.distill.optim import lr_at, set_lr
 from mope_dist.errors import JobError
 from mope_dist.model.runtime import eval_mode
 from mope_dist.utils import get_logger
@@ -48,41 +52,6 @@ from mope_dist.utils import get_logger
 log = get_logger("mope_dist.distill")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@dataclass
-class TrainArgs:
-    total_steps: int  # optimizer steps
-    micro_batch_size: int  # per rank; must equal the loader's batch size
-    lr: float = 5e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.2
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_accum_steps: int = 1
-    grad_clip: float = 1.0  # 0 disables
-    zero_stage: int = 0
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    ds_config_extra: dict | None = None  # merged into the generated DeepSpeed config
-    grad_checkpointing: bool = False
-    # losses (see mope_dist.distill.losses)
-    contrastive_weight: float = 1.0
-    kd_weight: float = 0.0
-    embed_weight: float = 0.0
-    hidden_weight: float = 0.0
-    temperature: float = 1.0
-    local_loss: bool = False
-    gather_with_grad: bool = False
-    # bookkeeping
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate only at the end (if `evaluate` is given)
-    save_every: int = 0  # 0: save only at the end
-    keep_checkpoints: int = 2
-    max_consecutive_skips: int = 10
-    max_skip_rate: float = 1.0  # stop when more than this fraction of the samples read was unusable
-    mirror_url: str | None = None  # fsspec URL; checkpoints and logs are copied there in the background
-    resume: bool = True
 
 
 @dataclass
@@ -104,401 +73,282 @@ class TrainResult:
     eval: dict = field(default_factory=dict)  # last student evaluation
 
 
-class HiddenRecorder:
-    """Collects every block output of both towers during a forward, through forward hooks.
-
-    Hooks (rather than a different forward) keep the DeepSpeed engine wrapping the plain model, so
-    ZeRO-3's parameter hooks and the checkpoint's parameter names stay those of the model.
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        self.hidden: dict[str, list] = {"visual": [], "text": []}
-        self.active = False
-        self.handles = [
-            block.register_forward_hook(functools.partial(self._record, tower))
-            for tower in self.hidden
-            for block in getattr(model, tower).blocks
-        ]
-
-    def close(self) -> None:
-        """Remove the hooks and drop the last outputs (graph nodes that would keep the engine alive)."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles, self.hidden = [], {"visual": [], "text": []}
-
-    def _record(self, tower, module, args, output):
-        if self.active:  # not during gradient-checkpoint recomputation in backward
-            self.hidden[tower].append(output)
-
-    def __call__(self, forward, images, texts) -> CLIPOutputs:
-        self.hidden, self.active = {"visual": [], "text": []}, True
-        try:
-            image, text, scale = forward(images, texts)[:3]
-        finally:
-            self.active = False
-        return CLIPOutputs(image, text, scale, self.hidden["visual"], self.hidden["text"])
-
-
-def _forward(model, recorder: HiddenRecorder | None, images, texts) -> CLIPOutputs:
-    if recorder is not None:
-        return recorder(model, images, texts)
-    image, text, scale = model(images, texts)[:3]
-    return CLIPOutputs(image, text, scale)
-
-
-def make_loss(args: TrainArgs, student, teacher) -> DistillLoss:
-    layers = {}
-    if args.hidden_weight > 0 and teacher is not None:
-        layers = {
-            f"{tower}_layers": layer_map(
-                getattr(student.spec, spec).source_layers, getattr(teacher.spec, spec).source_layers
-            )
-            for tower, spec in (("image", "vision"), ("text", "text"))
-        }
-    return DistillLoss(
-        contrastive=args.contrastive_weight,
-        kd=args.kd_weight,
-        embed=args.embed_weight,
-        hidden=args.hidden_weight,
-        temperature=args.temperature,
-        local_loss=args.local_loss,
-        gather_with_grad=args.gather_with_grad,
-        **layers,
-    )
-
-
-def _ensure_process_group() -> None:
-    """deepspeed.initialize needs a process group; a plain `python` run gets a 1-process one."""
-    if tdist.is_initialized():
-        return
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-    dist.init_distributed(use_deepspeed=True)
-
-
-def _promote_scalar_params(model: torch.nn.Module) -> None:
-    """Reshape 0-dim parameters (logit_scale) to [1], in place.
-
-    deepspeed 0.19 cannot take 0-dim parameters: its initial broadcast (all stages) and ZeRO-3's
-    partitioning call `p.data.view(torch.uint8)`, which raises for scalars, and its ZeRO-0 gradient
-    clipping fails on them. A 1-element logit scale broadcasts identically in the forward; checkpoints
-    therefore hold logit_scale as [1], and `export_student` reshapes it back to the model's [].
-    """
-    for p in model.parameters():
-        if p.ndim == 0:
-            p.data = p.data.reshape(1)
-
-
-def _gathered(engine):
-    """Full student parameters on every rank for the duration (ZeRO-3 only; a no-op otherwise)."""
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
-    return contextlib.nullcontext()
-
-
-def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
-    """{"imagenet": {"top1": 0.5}, "n": 3, "note": "x"} -> {"imagenet/top1": 0.5, "n": 3.0} (numbers only)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat_numbers(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
-
-
-def _evaluate(evaluate, model, gathered=None) -> dict:
-    with eval_mode(model), gathered or contextlib.nullcontext(), torch.no_grad():
-        return _flat_numbers(evaluate(model))
-
-
-def _reduce_sum(values: dict, device: torch.device) -> dict[str, float]:
-    """Sum over ranks of per-rank numbers or scalar tensors with identical keys (one all-reduce)."""
-    keys = sorted(values)
-    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device) for k in keys])
-    return dict(zip(keys, dist.all_reduce_sum(t).tolist(), strict=True))
-
-
-def _window_metrics(
-    sums: dict, window: dict, elapsed: float, global_batch: int, world: int, loader, device
-) -> dict:
-    """Loss terms and data wait averaged over ranks, throughput, and the loader's skip counters summed
-    over ranks, for one log window. Collective."""
-    local = {f"loss/{k}": v / max(1, window["micro"]) for k, v in sums.items()}
-    local["perf/data_wait_s"] = window["data_wait"] / window["steps"]
-    m = {k: v / world for k, v in _reduce_sum(local, device).items()}
-    skipped = loader.skipped() if hasattr(loader, "skipped") else {}
-    if skipped:
-        if skipped != window.get("skipped_logged", {}) and any(skipped.values()):
-            nonzero = {k: v for k, v in skipped.items() if v}
-            log.warning(f"data: skipped on this rank so far: {nonzero}")  # per rank (tagged lines)
-        window["skipped_logged"] = skipped
-        counts = _reduce_sum({f"data/skipped/{k}": v for k, v in skipped.items()}, device)
-        m.update(counts)
-        m["data/skipped_samples"] = sum(counts.values())
-    if hasattr(loader, "sample_counts"):
-        c = loader.sample_counts()
-        totals = _reduce_sum({"used": c["used"], "skipped": c["skipped"]}, device)
-        m["data/used_samples"], m["data/unusable_samples"] = totals["used"], totals["skipped"]
-    samples_per_s = window["steps"] * global_batch / elapsed
-    m["perf/samples_per_s"] = samples_per_s
-    m["perf/samples_per_s_per_device"] = samples_per_s / world
-    m["perf/step_time_s"] = elapsed / window["steps"]
-    return m
-
-
 def train(
     student,
     teacher,
     loader,
-    args: TrainArgs,
+    cfg: DistillConfig,
+    ds: DeepSpeedConfig,
+    *,
+    micro_batch_size: int,
     output_dir: str | os.PathLike,
     dist_info: dist.DistInfo,
+    max_skip_rate: float,
+    mirror_url: str | None = None,
     evaluate=None,
 ) -> TrainResult:
-    """Train `student` (in place) for `args.total_steps` optimizer steps; collective on every rank.
+    """Train `student` (in place) for `cfg.steps` optimizer steps; collective on every rank.
 
+    `micro_batch_size`: per rank, equal to the loader's batch. `max_skip_rate`: data.max_skip_rate.
+    `mirror_url`: fsspec URL (output.sync_url) that checkpoints and logs are copied to in the background.
     `evaluate(model) -> dict` (optional, called on every rank, e.g. distributed zero-shot) runs every
-    `args.eval_every` steps and at the end; numeric results are logged as eval/<key>, the teacher's
+    `cfg.eval_every` steps and at the end; numeric results are logged as eval/<key>, the teacher's
     once as eval_teacher/<key>.
     """
-    import deepspeed
-
-    out = Path(output_dir)
-    device, world, main = dist_info.device, dist_info.world_size, dist_info.is_main
-    if getattr(student, "logit_bias", None) is not None:
-        raise ValueError("models with a logit bias (SigLIP) are not supported by the CLIP losses")
-    loss_fn = make_loss(args, student, teacher)
-    if loss_fn.needs_teacher and teacher is None:
-        raise ValueError("kd/embed/hidden loss weights > 0 need a teacher")
-    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if teacher is not None:
-        teacher = teacher.to(device=device, dtype=teacher_dtype).eval().requires_grad_(False)
-    student.set_grad_checkpointing(args.grad_checkpointing)
-    student_rec = HiddenRecorder(student) if loss_fn.needs_hidden else None
-    teacher_rec = HiddenRecorder(teacher) if loss_fn.needs_hidden else None
-
-    _ensure_process_group()
-    # ZeRO-0 fp32 runs the plain torch optimizer, whose gradients DeepSpeed does not check for inf/NaN:
-    # the loop clips and checks them itself
-    own_clip = args.zero_stage == 0 and args.precision == "fp32"
-    ds_config = build_ds_config(
-        args.micro_batch_size,
-        args.grad_accum_steps,
-        args.zero_stage,
-        args.precision,
-        0.0 if own_clip else args.grad_clip,
-        args.ds_config_extra,
-    )
-    optimizer = make_optimizer(student, args.lr, args.weight_decay, args.betas, args.eps)
-    _promote_scalar_params(student)
-    engine, *_ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
-    engine.train()
-    dtype = DTYPES[args.precision]
-    global_batch = args.micro_batch_size * args.grad_accum_steps * world
-
-    mirror = Mirror(args.mirror_url, out) if args.mirror_url and main else None
-    ckpt = CheckpointManager(out / "checkpoints", args.keep_checkpoints, mirror)
-    state = TrainState()
-    tag = dist.broadcast_object(ckpt.latest() if args.resume else None)
-    if tag is not None:
-        state = TrainState(**ckpt.load(engine, tag)["train_state"])
-        log.info(
-            f"resumed from {ckpt.dir / tag}: step {state.step}, epoch {state.epoch} batch {state.batch_in_epoch}"
-        )
-    metrics = MetricsLog(out, resume_step=state.step) if main else None
-    last_eval: dict = {}
-
+    out, main = Path(output_dir), dist_info.is_main
+    run = _setup(student, teacher, loader, cfg, ds, micro_batch_size, dist_info)
+    mirror = Mirror(mirror_url, out) if mirror_url and main else None
+    run.ckpt = CheckpointManager(out / "checkpoints", cfg.keep_checkpoints, mirror)
+    state = _resume(run)
+    run.metrics = MetricsLog(out, resume_step=state.step) if main else None
+    window, last_eval = MetricWindow(), {}
     try:
-        if evaluate is not None and teacher is not None and state.step == 0:
-            scores = _evaluate(evaluate, teacher)
-            if main:
-                metrics.write(
-                    0, {f"eval_teacher/{k}": v for k, v in scores.items()}, f"teacher eval: {scores}"
-                )
-
-        if state.batch_in_epoch >= len(loader):  # the checkpoint ended exactly at an epoch boundary
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        loader.set_epoch(state.epoch, state.batch_in_epoch)
-        batches = iter(loader)
-        sums: dict = {}  # loss terms summed over the log window's micro-batches
-        window = {"micro": 0, "steps": 0, "data_wait": 0.0, "t0": time.perf_counter()}
-        last_saved = state.step if tag is not None else -1
-        dist.note_progress(step=state.step, checkpoint=str(ckpt.dir / tag) if tag else "none")
-
-        while state.step < args.total_steps:
-            set_lr(
-                engine.optimizer, lr_at(state.step, args.lr, args.warmup_steps, args.total_steps, args.min_lr)
-            )
-            micro, own_skip, grad_norm, step_sums = 0, False, None, {}
-            while micro < args.grad_accum_steps:
-                t = time.perf_counter()
-                batch = next(batches, None)
-                if batch is None:  # epoch finished: the loader restarts at the next one
-                    state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                    loader.set_epoch(state.epoch, 0)
-                    batches = iter(loader)
-                    continue
-                window["data_wait"] += time.perf_counter() - t
-                state.batch_in_epoch += 1
-                images, texts = batch
-                if images.shape[0] != args.micro_batch_size:
-                    raise ValueError(
-                        f"loader batch of {images.shape[0]} but micro_batch_size={args.micro_batch_size}: "
-                        "every rank must get full, equal batches (the DeepSpeed config assumes them)"
-                    )
-                texts = texts.to(device, non_blocking=True)
-
-                teacher_out = None
-                if loss_fn.needs_teacher:
-                    with torch.no_grad():
-                        teacher_out = _forward(teacher, teacher_rec, images.to(device, teacher_dtype), texts)
-                student_out = _forward(
-                    engine, student_rec, images.to(device, dtype, non_blocking=True), texts
-                )
-                loss, terms = loss_fn(student_out, teacher_out)
-                engine.backward(loss)  # a non-finite loss makes non-finite gradients: caught below
-                micro += 1
-                if micro == args.grad_accum_steps and own_clip:  # grads are all-reduced by now
-                    params = engine.module.parameters()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
-                    if not torch.isfinite(grad_norm):  # params without a grad are left alone by AdamW
-                        engine.optimizer.zero_grad(set_to_none=True)
-                        own_skip = True
-                engine.step()
-                for k, v in {**terms, "total": loss.detach()}.items():  # device tensors: no host sync
-                    step_sums[k] = step_sums.get(k, 0.0) + v.float()
-
-            if own_skip or not engine.was_step_applied():  # the same decision on every rank
-                state.skipped_steps += 1
-                state.consecutive_skips += 1
-                if main:
-                    log.warning(
-                        f"step {state.step + 1}: non-finite loss or gradients; optimizer step skipped"
-                    )
-                _check_skips(state, args, ckpt)
+        if evaluate is not None and run.teacher is not None and state.step == 0:
+            _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
+        batches = LoaderStream(loader, state.epoch, state.batch_in_epoch)
+        while state.step < cfg.steps:
+            set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
+            step = _step(run, batches, state, window)
+            if not step.applied:  # the same decision on every rank
+                _count_skip(run, state)
                 continue
-            for k, v in step_sums.items():
-                sums[k] = sums.get(k, 0.0) + v
-            window["micro"] += args.grad_accum_steps
             state.step += 1
             state.consecutive_skips = 0
-            state.samples_seen += global_batch
-            window["steps"] += 1
+            state.samples_seen += run.global_batch
+            window.add_step(step.sums, cfg.grad_accum)
             dist.note_progress(step=state.step)
-
-            if state.step % args.log_every == 0 or state.step == args.total_steps:
-                elapsed = time.perf_counter() - window["t0"]
-                m = _window_metrics(sums, window, elapsed, global_batch, world, loader, device)
-                grad_norm = engine.get_global_grad_norm() if grad_norm is None else grad_norm
-                m.update(
-                    {
-                        "train/lr": engine.optimizer.param_groups[0]["lr"],
-                        "train/logit_scale": student_out.logit_scale.detach().float().item(),
-                        "train/epoch": state.epoch,
-                        "train/samples_seen": state.samples_seen,
-                        "train/skipped_steps": state.skipped_steps,
-                        **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
-                    }
-                )
-                if main:
-                    metrics.write(state.step, m, format_line(state.step, args.total_steps, m))
-                _check_skip_rate(m, args, ckpt)  # the same summed counts on every rank
-                sums = {}
-                window = {
-                    "micro": 0,
-                    "steps": 0,
-                    "data_wait": 0.0,
-                    "t0": time.perf_counter(),
-                    "skipped_logged": window.get("skipped_logged", {}),
-                }
-
-            if evaluate is not None and (
-                (args.eval_every and state.step % args.eval_every == 0) or state.step == args.total_steps
-            ):
-                last_eval = _evaluate(evaluate, engine.module, _gathered(engine))
-                if main:
-                    metrics.write(
-                        state.step, {f"eval/{k}": v for k, v in last_eval.items()}, f"eval: {last_eval}"
-                    )
-                window["t0"] = time.perf_counter()  # evaluation time is not training throughput
-
-            if (args.save_every and state.step % args.save_every == 0) or state.step == args.total_steps:
-                if state.step != last_saved:
-                    ckpt.save(engine, state.step, {"train_state": asdict(state)})
-                    last_saved = state.step
-                    dist.note_progress(checkpoint=str(ckpt.dir / step_tag(state.step)))
-                    if mirror is not None:
-                        mirror.sync(["metrics.jsonl", "tensorboard"])
-                window["t0"] = time.perf_counter()
+            last = state.step == cfg.steps
+            if _due(state.step, cfg.log_every) or last:
+                _log(run, state, window, step, max_skip_rate)
+            if evaluate is not None and (_due(state.step, cfg.eval_every) or last):
+                last_eval = _evaluate(run, evaluate, run.engine.module, state.step, "eval", "eval")
+                window.restart_clock()
+            if _due(state.step, cfg.ckpt_every) or last:
+                _save(run, state)
+                window.restart_clock()
     finally:
-        for recorder in (student_rec, teacher_rec):
-            if recorder is not None:
-                recorder.close()
-        if metrics is not None:
-            metrics.close()
+        run.close()
         if mirror is not None:
             mirror.sync(["metrics.jsonl", "tensorboard"])
             mirror.close()
-    return TrainResult(engine, state, last_eval)
+    return TrainResult(run.engine, state, last_eval)
 
 
-def _check_skip_rate(m: dict, args: TrainArgs, ckpt: CheckpointManager) -> None:
+def _due(step: int, every: int) -> bool:
+    """Every `every` steps; 0 never (the end of training is handled by the caller)."""
+    return bool(every) and step % every == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# setup
+
+
+@dataclass
+class _Run:
+    """What the loop's helpers share: built once by `_setup` (checkpoints and log added by `train`)."""
+
+    cfg: DistillConfig
+    engine: object
+    loss_fn: DistillLoss
+    teacher: torch.nn.Module | None
+    recorders: tuple  # (student's, teacher's) HiddenRecorder, or (None, None) without a hidden loss
+    loader: object
+    device: torch.device
+    dtype: torch.dtype  # the student's inputs
+    teacher_dtype: torch.dtype
+    world: int
+    micro_batch_size: int
+    global_batch: int  # samples per optimizer step over all ranks
+    own_clip: bool  # ZeRO-0 fp32: the loop clips and checks gradients itself
+    ckpt: CheckpointManager | None = None
+    metrics: MetricsLog | None = None  # rank 0 only
+
+    def close(self) -> None:
+        for recorder in self.recorders:
+            if recorder is not None:
+                recorder.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def _setup(student, teacher, loader, cfg, ds, micro_batch_size, dist_info) -> _Run:
+    """Loss, frozen teacher on the device, hidden-state hooks, then the student's DeepSpeed engine."""
+    if getattr(student, "logit_bias", None) is not None:
+        raise ValueError("models with a logit bias (SigLIP) are not supported by the CLIP losses")
+    device = dist_info.device
+    loss_fn = make_loss(cfg, student, teacher)
+    teacher_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if teacher is not None:
+        teacher = teacher.to(device=device, dtype=teacher_dtype).eval().requires_grad_(False)
+    student.set_grad_checkpointing(cfg.grad_checkpointing)
+    recorders = (HiddenRecorder(student), HiddenRecorder(teacher)) if loss_fn.needs_hidden else (None, None)
+    return _Run(
+        cfg=cfg,
+        engine=build_engine(student, cfg, ds, micro_batch_size),
+        loss_fn=loss_fn,
+        teacher=teacher,
+        recorders=recorders,
+        loader=loader,
+        device=device,
+        dtype=DTYPES[ds.precision],
+        teacher_dtype=teacher_dtype,
+        world=dist_info.world_size,
+        micro_batch_size=micro_batch_size,
+        global_batch=micro_batch_size * cfg.grad_accum * dist_info.world_size,
+        own_clip=own_clipping(ds),
+    )
+
+
+def _resume(run: _Run) -> TrainState:
+    """The state of the newest complete checkpoint (engine restored from it), or a fresh one. Collective."""
+    tag = dist.broadcast_object(run.ckpt.latest())
+    state = TrainState()
+    if tag is not None:
+        state = TrainState(**run.ckpt.load(run.engine, tag)["train_state"])
+        log.info(
+            f"resumed from {run.ckpt.dir / tag}: step {state.step}, epoch {state.epoch} batch {state.batch_in_epoch}"
+        )
+    dist.note_progress(step=state.step, checkpoint=str(run.ckpt.dir / tag) if tag else "none")
+    return state
+
+
+class LoaderStream:
+    """The loader as one stream of batches from a data position on, across epochs. Each batch comes
+    with the position after it, which the step that consumes it records: a stream that reads ahead
+    (a device prefetcher) then does not move the checkpointed position."""
+
+    def __init__(self, loader, epoch: int, batch_in_epoch: int):
+        if batch_in_epoch >= len(loader):  # a checkpoint taken exactly at an epoch boundary
+            epoch, batch_in_epoch = epoch + 1, 0
+        self.loader, self.epoch, self.index = loader, epoch, batch_in_epoch
+        loader.set_epoch(epoch, batch_in_epoch)
+        self.batches = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        batch = next(self.batches, None)
+        while batch is None:  # epoch finished: the loader restarts at the next one
+            self.epoch, self.index = self.epoch + 1, 0
+            self.loader.set_epoch(self.epoch, 0)
+            self.batches = iter(self.loader)
+            batch = next(self.batches, None)
+        self.index += 1
+        images, texts = batch
+        return images, texts, (self.epoch, self.index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# one optimizer step
+
+
+@dataclass
+class _Step:
+    applied: bool  # False: non-finite loss or gradients on some rank, the optimizer step was skipped
+    sums: dict  # loss terms summed over the micro-batches (device tensors: no host sync)
+    logit_scale: torch.Tensor  # the student's, last micro-batch
+    grad_norm: torch.Tensor | None  # ours under ZeRO-0 fp32; otherwise DeepSpeed's (read when logged)
+
+
+def _step(run: _Run, batches: LoaderStream, state: TrainState, window: MetricWindow) -> _Step:
+    """`cfg.grad_accum` micro-batches: forward (teacher, student), loss, backward, `engine.step()`.
+    Records the data position consumed in `state` (consumed by a skipped step too: no replay)."""
+    engine, loss_fn, (student_rec, teacher_rec) = run.engine, run.loss_fn, run.recorders
+    sums, own_skip, grad_norm = {}, False, None
+    for micro in range(1, run.cfg.grad_accum + 1):
+        t = time.perf_counter()
+        images, texts, (state.epoch, state.batch_in_epoch) = next(batches)
+        window.data_wait += time.perf_counter() - t
+        if images.shape[0] != run.micro_batch_size:
+            raise ValueError(
+                f"loader batch of {images.shape[0]} but micro_batch_size={run.micro_batch_size}: "
+                "every rank must get full, equal batches (the DeepSpeed config assumes them)"
+            )
+        images = images.to(run.device, non_blocking=True)
+        texts = texts.to(run.device, non_blocking=True)
+        teacher_out = None
+        if loss_fn.needs_teacher:
+            with torch.no_grad():
+                teacher_out = clip_outputs(run.teacher, teacher_rec, images.to(run.teacher_dtype), texts)
+        student_out = clip_outputs(engine, student_rec, images.to(run.dtype), texts)
+        loss, terms = loss_fn(student_out, teacher_out)
+        engine.backward(loss)  # a non-finite loss makes non-finite gradients: caught below
+        if micro == run.cfg.grad_accum and run.own_clip:  # grads are all-reduced by now
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                engine.module.parameters(), run.cfg.grad_clip or float("inf")
+            )
+            if not torch.isfinite(grad_norm):  # params without a grad are left alone by AdamW
+                engine.optimizer.zero_grad(set_to_none=True)
+                own_skip = True
+        engine.step()
+        for k, v in {**terms, "total": loss.detach()}.items():
+            sums[k] = sums.get(k, 0.0) + v.float()
+    applied = not own_skip and engine.was_step_applied()
+    return _Step(applied, sums, student_out.logit_scale, grad_norm)
+
+
+def _count_skip(run: _Run, state: TrainState) -> None:
+    state.skipped_steps += 1
+    state.consecutive_skips += 1
+    if dist.is_main():
+        log.warning(f"step {state.step + 1}: non-finite loss or gradients; optimizer step skipped")
+    if state.consecutive_skips >= run.cfg.max_nonfinite_steps:
+        raise JobError(
+            f"{state.consecutive_skips} consecutive non-finite losses/gradients after step {state.step}: stopping. "
+            f"The last good checkpoint ({run.ckpt.latest() or 'none'} in {run.ckpt.dir}) is intact; lower the "
+            "LR, enable gradient clipping or check the data, then resume."
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# logging, evaluation, saving
+
+
+def _log(run: _Run, state: TrainState, window: MetricWindow, step: _Step, max_skip_rate: float) -> None:
+    """The window's metrics reduced over ranks, written by rank 0; stops on too many unusable samples.
+    Collective."""
+    m = window.summary(run.global_batch, run.world, run.loader, run.device)
+    grad_norm = run.engine.get_global_grad_norm() if step.grad_norm is None else step.grad_norm
+    m.update(
+        {
+            "train/lr": run.engine.optimizer.param_groups[0]["lr"],
+            "train/logit_scale": step.logit_scale.detach().float().item(),
+            "train/epoch": state.epoch,
+            "train/samples_seen": state.samples_seen,
+            "train/skipped_steps": state.skipped_steps,
+            **({"train/grad_norm": float(grad_norm)} if grad_norm is not None else {}),
+        }
+    )
+    if run.metrics is not None:
+        run.metrics.write(state.step, m, format_line(state.step, run.cfg.steps, m))
+    window.restart()
     used, bad = m.get("data/used_samples", 0), m.get("data/unusable_samples", 0)
-    if used + bad == 0 or bad / (used + bad) <= args.max_skip_rate:
+    if used + bad == 0 or bad / (used + bad) <= max_skip_rate:  # the same summed counts on every rank
         return
     reasons = {k.rsplit("/", 1)[1]: int(v) for k, v in m.items() if k.startswith("data/skipped/") and v}
     raise JobError(
         f"{bad:.0f} of the {used + bad:.0f} samples read so far were unusable ({bad / (used + bad):.1%}, "
-        f"more than data.max_skip_rate={args.max_skip_rate:g}; skipped by reason: {reasons}): stopping. "
-        f"The last checkpoint ({ckpt.latest() or 'none'} in {ckpt.dir}) is intact; check the shards or "
+        f"more than data.max_skip_rate={max_skip_rate:g}; skipped by reason: {reasons}): stopping. "
+        f"The last checkpoint ({run.ckpt.latest() or 'none'} in {run.ckpt.dir}) is intact; check the shards or "
         "raise data.max_skip_rate, then rerun."
     )
 
 
-def _check_skips(state: TrainState, args: TrainArgs, ckpt: CheckpointManager) -> None:
-    if state.consecutive_skips >= args.max_consecutive_skips:
-        raise JobError(
-            f"{state.consecutive_skips} consecutive non-finite losses/gradients after step {state.step}: stopping. "
-            f"The last good checkpoint ({ckpt.latest() or 'none'} in {ckpt.dir}) is intact; lower the LR, "
-            "enable gradient clipping or check the data, then resume."
-        )
+def _evaluate(run: _Run, evaluate, model, step: int, prefix: str, label: str) -> dict:
+    """`evaluate(model)` in eval mode on every rank (the student's full weights gathered under ZeRO-3);
+    rank 0 logs the numbers as <prefix>/<key>. Collective."""
+    gather = gathered(run.engine) if model is run.engine.module else contextlib.nullcontext()
+    with eval_mode(model), gather, torch.no_grad():
+        scores = flat_numbers(evaluate(model))
+    if run.metrics is not None:
+        run.metrics.write(step, {f"{prefix}/{k}": v for k, v in scores.items()}, f"{label}: {scores}")
+    return scores
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """fp32 student weights on every rank (the optimizer's master copy where there is one). Collective.
-
-    Shapes are the engine's (logit_scale [1], see `_promote_scalar_params`)."""
-    from deepspeed.utils import safe_get_full_fp32_param
-
-    module = engine.module
-    state = {}
-    for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p)  # ZeRO 1-3 / bf16: master weights (gathered under ZeRO-3)
-        if full is None:  # ZeRO-0 fp32/fp16: the module weights are the weights
-            full = p.detach()
-        state[name] = full.detach().float().cpu().clone()
-    for name, b in module.named_buffers():
-        state[name] = b.detach().cpu().clone()
-    return state
-
-
-def export_student(engine, path: str | os.PathLike, provenance: dict | None = None) -> Path:
-    """Save the trained student as a standalone model dir (mope_dist.model.save_pretrained). Collective."""
-    from mope_dist.model.clip import build_on_meta
-    from mope_dist.model.io import save_pretrained
-
-    state = full_state_dict(engine)
-    if dist.is_main():
-        model = build_on_meta(engine.module.spec)
-        shapes = {k: v.shape for k, v in model.state_dict().items()}
-        model.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()}, strict=True, assign=True)
-        save_pretrained(model, path, provenance=provenance)
-    dist.barrier()
-    return Path(path)
+def _save(run: _Run, state: TrainState) -> None:
+    """Checkpoint (every rank), then queue the log files for the mirror. Collective."""
+    run.ckpt.save(run.engine, state.step, {"train_state": asdict(state)})
+    dist.note_progress(checkpoint=str(run.ckpt.dir / step_tag(state.step)))
+    if run.ckpt.mirror is not None:
+        run.ckpt.mirror.sync(["metrics.jsonl", "tensorboard"])

@@ -30,13 +30,12 @@ from pathlib import Path
 
 from mope_dist import dist
 from mope_dist.config import Config, TowerTarget, config_from_argv
-from mope_dist.distill.trainer import TrainArgs
 from mope_dist.errors import ConfigError
 from mope_dist.model import count_flops, count_params, load_model, load_teacher
 from mope_dist.recipes.builders import retrieval_evaluator, train_loader
 from mope_dist.recipes.phases import check_targets, prune_phase, score_units
 from mope_dist.recipes.run_dir import prepare_run_dir
-from mope_dist.recipes.training import train_and_export, train_args
+from mope_dist.recipes.training import train_and_export
 from mope_dist.utils import atomic_write_json, atomic_write_text, get_logger, is_local_path
 
 log = get_logger("mope_dist.recipes.finetune")
@@ -114,13 +113,14 @@ def check_stage_dir(stage: Stage, before: list[str]) -> None:
         )
 
 
-def teacher_args(cfg: Config, world_size: int) -> TrainArgs:
-    """The distill section's training settings, contrastive loss only, finetune.teacher_steps/lr."""
+def teacher_config(cfg: Config) -> Config:
+    """The run's config for fine-tuning the teacher: the distill section with finetune.teacher_steps
+    and teacher_lr (trained without a teacher, so with the contrastive loss only)."""
     lr = cfg.finetune.teacher_lr or cfg.distill.lr
-    args = train_args(cfg, world_size, distill=False)
-    return dataclasses.replace(
-        args, total_steps=cfg.finetune.teacher_steps, lr=lr, min_lr=min(cfg.distill.min_lr, lr)
+    distill = dataclasses.replace(
+        cfg.distill, steps=cfg.finetune.teacher_steps, lr=lr, min_lr=min(cfg.distill.min_lr, lr)
     )
+    return dataclasses.replace(cfg, distill=distill)
 
 
 def compress(
@@ -149,7 +149,7 @@ def compress(
         load_model(stage.dir / "pruned"),
         load_teacher(*teacher)[0],
         loader,
-        train_args(cfg, info.world_size),
+        cfg,
         stage.dir,
         info,
         evaluate,
@@ -220,10 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         if finished(out / "teacher"):
             log.info("teacher: reusing %s", teacher[0])
         else:
-            args = teacher_args(cfg, info.world_size)
             provenance = {"fine_tuned_from": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
+            run_cfg = teacher_config(cfg)
             train_and_export(
-                load_teacher(*base)[0], None, loader, args, out / "teacher", info, evaluate, provenance
+                load_teacher(*base)[0], None, loader, run_cfg, out / "teacher", info, evaluate, provenance
             )
 
     # 2. The stages, each compressing the previous one's distilled student.

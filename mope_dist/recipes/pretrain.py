@@ -18,7 +18,7 @@ from mope_dist.model import load_model, load_teacher
 from mope_dist.recipes.builders import train_loader, zeroshot_evaluator
 from mope_dist.recipes.phases import check_targets, prune_phase, score_units
 from mope_dist.recipes.run_dir import prepare_run_dir
-from mope_dist.recipes.training import train_and_export, train_args
+from mope_dist.recipes.training import train_and_export
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.recipes.pretrain")
@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> None:
     # Everything that can fail on bad input is built before the first expensive phase.
     check_targets(cfg, teacher.spec)
     loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
-    args = train_args(cfg, info.world_size)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     scores_path = out / "scores" / "scores.json"
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     student = load_model(out / "pruned")
 
     provenance = {"teacher": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
-    train_and_export(student, teacher, loader, args, out, info, evaluate=evaluate, provenance=provenance)
+    train_and_export(student, teacher, loader, cfg, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(
             f"done: scores {scores_path}, plan {out / 'plan.json'}, pruned student {out / 'pruned'}, "

@@ -15,7 +15,7 @@ from mope_dist.config import config_from_argv
 from mope_dist.model import load_teacher
 from mope_dist.recipes.builders import train_loader, zeroshot_evaluator
 from mope_dist.recipes.run_dir import prepare_run_dir
-from mope_dist.recipes.training import train_and_export, train_args
+from mope_dist.recipes.training import train_and_export
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,11 +26,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg.teacher.name, cfg.teacher.pretrained
     )
     loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
-    args = train_args(cfg, info.world_size, distill=False)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     provenance = {"architecture": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
-    train_and_export(model, None, loader, args, out, info, evaluate=evaluate, provenance=provenance)
+    train_and_export(model, None, loader, cfg, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(f"done: trained model {out / 'final'} (evaluations in {out / 'metrics.jsonl'})", flush=True)
 
