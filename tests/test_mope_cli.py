@@ -13,9 +13,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_open_clip  # noqa: E402
 
+from mope_dist.config import load_config  # noqa: E402
 from mope_dist.data.synthetic import write_labelled_set, write_retrieval_set  # noqa: E402
-from mope_dist.model import from_open_clip, save_pretrained  # noqa: E402
+from mope_dist.model import from_open_clip, load_teacher, save_pretrained  # noqa: E402
+from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor  # noqa: E402
+from mope_dist.mope.engine import score_mope  # noqa: E402
+from mope_dist.mope.methods import METHODS  # noqa: E402
 from mope_dist.mope.report import read_scores  # noqa: E402
+from mope_dist.mope.units import enumerate_units  # noqa: E402
+from mope_dist.recipes.builders import build_proxy  # noqa: E402
 from mope_dist.recipes.score import main  # noqa: E402
 
 
@@ -89,3 +95,28 @@ def test_cli_bad_config_exits_2(setup, capsys, override, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("config error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_registered_method_passes_the_config_to_its_library_function(setup, name):
+    """Each registry entry scores exactly as its library function called with the recipe's values
+    (proxy batch 16, 4 candidates per forward, seed 3); a new method needs its reference here."""
+    root, _ = setup
+    cfg = load_config(root / "cfg.yaml", [f"mope.method={name}", "mope.seed=3", "mope.kinds=[head]"])
+    model, _, preprocess, tokenizer = load_teacher(str(root / "model"))
+    units = enumerate_units(model, ["vision", "text"], ["head"], 2)
+    proxy = build_proxy(cfg.mope.proxy, preprocess, tokenizer)
+    reference = {
+        "mope": lambda: score_mope(model, units, proxy, "cpu", batch_size=16, candidates_per_forward=4),
+        "magnitude": lambda: score_magnitude(model, units),
+        "random": lambda: score_random(units, seed=3),
+        "taylor": lambda: score_taylor(model, units, proxy, "cpu", batch_size=16),
+    }[name]()
+    method = METHODS[name]
+    result = method.score(model, units, proxy if method.needs_proxy else None, "cpu", cfg.mope)
+    assert method.needs_proxy == (name in ("mope", "taylor"))
+    assert (result.method, result.units, result.scores) == (
+        reference.method,
+        reference.units,
+        reference.scores,
+    )
