@@ -56,15 +56,15 @@ def avg_argmax():
 @pytest.fixture(scope="module")
 def tok_last():
     """Vision: class-token pooling; text: last-token pooling with a padding mask and a linear projection;
-    per-layer heads and MLP widths all different, teacher layers 1, 3, 4 dropped; gelu_tanh."""
+    per-layer heads and MLP widths all different (one layer without heads, one without MLP), teacher
+    layers 1, 3, 4 of the vision tower and 0, 2 of the text tower dropped; gelu_tanh."""
     spec = CLIPSpec(
         embed_dim=24,
         vision=VisionSpec(
             width=64,
             head_dim=16,
-            heads=[4, 1, 3],
-            mlp_dims=[256, 7, 0],
-            source_layers=[0, 2, 5],
+            heads=[4] * 6,
+            mlp_dims=[256] * 6,
             image_size=[32, 32],
             patch_size=[8, 8],
             pool_type="tok",
@@ -72,9 +72,8 @@ def tok_last():
         text=TextSpec(
             width=48,
             head_dim=16,
-            heads=[2, 0],
-            mlp_dims=[31, 192],
-            source_layers=[1, 3],
+            heads=[3] * 4,
+            mlp_dims=[192] * 4,
             context_length=16,
             pool_type="last",
             pad_mask=True,
@@ -83,7 +82,14 @@ def tok_last():
         activation="gelu_tanh",
     )
     torch.manual_seed(0)
-    return randomize_(PrunableCLIP(spec), seed=3).eval()
+    full = randomize_(PrunableCLIP(spec), seed=3).eval()
+    keep = KeepSpec(
+        vision=TowerKeep(
+            [0, 2, 5], heads={2: [1], 5: [0, 2, 3]}, mlp={2: [3, 50, 99, 100, 101, 200, 255], 5: []}
+        ),
+        text=TowerKeep([1, 3], heads={1: [0, 2], 3: []}, mlp={1: list(range(0, 186, 6))}),
+    )
+    return slice_model(full, keep)
 
 
 @pytest.fixture(scope="module")
