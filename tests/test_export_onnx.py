@@ -207,11 +207,10 @@ def test_tool_export_as_a_client_uses_it(avg_argmax, tmp_path):
     np.testing.assert_allclose(logits, (want_scale * want_image @ want_text.T).numpy(), rtol=0, atol=1e-3)
 
 
-def test_tool_fp16_at_another_image_size(avg_argmax, tmp_path):
+def test_tool_fp16_at_another_image_size_and_opset(avg_argmax, tmp_path):
     save_pretrained(avg_argmax, tmp_path / "model")
-    summary = tool.main(
-        [str(tmp_path / "model"), str(tmp_path / "onnx"), "--dtype", "fp16", "--image-size", "48"]
-    )
+    options = ["--dtype", "fp16", "--image-size", "48", "--opset", "20"]
+    summary = tool.main([str(tmp_path / "model"), str(tmp_path / "onnx"), *options])
     assert summary["image_input"] == {
         "name": "pixel_values",
         "shape": ["batch", 3, 48, 48],
@@ -225,6 +224,7 @@ def test_tool_fp16_at_another_image_size(avg_argmax, tmp_path):
         graph = onnx.load(str(tmp_path / "onnx" / meta[key]["file"]))
         kinds = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type).name for t in graph.graph.initializer}
         assert "float16" in kinds and meta[key]["output"]["dtype"] == "float32"
+        assert {o.version for o in graph.opset_import if o.domain == ""} == {20} == {meta["opset"]}
 
     resized = onnx_export.with_image_size(avg_argmax, [48, 48])
     g = torch.Generator().manual_seed(7)
@@ -283,6 +283,7 @@ def saved(avg_argmax, tmp_path, monkeypatch):
         ("existing output", "already exists (pass --overwrite"),
         ("bad image size", "--image-size 30: image size [30, 30] is not a positive multiple"),
         ("bad image", "cannot be read as an image"),
+        ("bad opset", "--opset 99: onnx"),
     ],
 )
 def test_tool_refuses_bad_input_with_one_line(case, message, saved, tmp_path, capsys):
@@ -301,6 +302,8 @@ def test_tool_refuses_bad_input_with_one_line(case, message, saved, tmp_path, ca
         out.mkdir()
     elif case == "bad image size":
         extra = ["--image-size", "30"]
+    elif case == "bad opset":
+        extra = ["--opset", "99"]
     else:
         (tmp_path / "notes.jpg").write_text("not a picture")
         extra = ["--image", str(tmp_path / "notes.jpg")]

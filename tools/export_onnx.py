@@ -94,6 +94,13 @@ def check_inputs(args: argparse.Namespace) -> dict:
     missing = [name for name in EXPORT_PACKAGES if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"{', '.join(missing)} not installed: pip install 'mope-dist[export]'")
+    if args.opset is not None:
+        import onnx
+
+        if not 7 <= args.opset <= onnx.defs.onnx_opset_version():
+            raise ConfigError(
+                f"--opset {args.opset}: onnx {onnx.__version__} knows opsets 7 to {onnx.defs.onnx_opset_version()}"
+            )
     if args.image_size:
         from mope_dist.model.onnx_export import check_image_size
 
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("out_dir", type=Path, help="directory to write the ONNX files and export.json into")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="weights and arithmetic")
-    ap.add_argument("--opset", type=int, default=18, help="ONNX opset (18: the exporter's own)")
+    ap.add_argument("--opset", type=int, help="ONNX opset (default 18, the exporter's own)")
     ap.add_argument("--image-size", help="serve N or HxW images instead of the model's own size")
     ap.add_argument("--image", action="append", type=Path, help="image file for the check (repeatable)")
     ap.add_argument("--caption", action="append", help="caption for the check (repeatable)")
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"export_onnx: error: {e}", file=sys.stderr)
         sys.exit(2)
 
-    from mope_dist.model.onnx_export import export_onnx, sample_cases, with_image_size
+    from mope_dist.model.onnx_export import DEFAULT_OPSET, export_onnx, sample_cases, with_image_size
 
     model = load_model(args.model_dir).float()
     if args.image_size:
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             model,
             args.out_dir,
             dtype=args.dtype,
-            opset=args.opset,
+            opset=args.opset or DEFAULT_OPSET,
             cases=sample_cases(model, images, captions),
             provenance=provenance,
             overwrite=args.overwrite,
