@@ -177,23 +177,19 @@ def export_onnx(
     are checked against the fp32 model (check_parity) before OUT is replaced; the model is not changed."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    reference = copy.deepcopy(model).float().eval()
+    reference = copy.deepcopy(model).to("cpu", torch.float32).eval()  # exported and checked on the CPU
     deployed = reference if dtype == "fp32" else copy.deepcopy(reference).to(DTYPES[dtype])
     checks = random_cases(reference)
     for tower, extra in (cases or {}).items():
         checks[tower] = checks[tower] + list(extra)
     g = torch.Generator().manual_seed(1)
-    examples = {
-        IMAGE_FILE: (
-            deployed.visual,
-            IMAGE_INPUT,
-            IMAGE_OUTPUT,
-            torch.randn(EXAMPLE_BATCH, 3, *reference.visual.image_size, generator=g),
-        ),
-        TEXT_FILE: (deployed.text, TEXT_INPUT, TEXT_OUTPUT, random_token_ids(reference, EXAMPLE_BATCH, g)),
-    }
+    images = torch.randn(EXAMPLE_BATCH, 3, *reference.visual.image_size, generator=g)
+    towers = (
+        (IMAGE_FILE, deployed.visual, IMAGE_INPUT, IMAGE_OUTPUT, images),
+        (TEXT_FILE, deployed.text, TEXT_INPUT, TEXT_OUTPUT, random_token_ids(reference, EXAMPLE_BATCH, g)),
+    )
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        for file, (tower, input_name, output_name, example) in examples.items():
+        for file, tower, input_name, output_name, example in towers:
             export_tower(TowerEncoder(tower).eval(), example, tmp / file, input_name, output_name, opset)
         parity = check_parity(reference, tmp, dtype, checks)
         meta = export_metadata(reference, tmp, dtype, opset, provenance or {}, parity)
