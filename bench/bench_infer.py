@@ -3,11 +3,14 @@
     .venv/bin/python bench/bench_infer.py                       # ViT-B/32-like, width 512, CPU
     .venv/bin/python bench/bench_infer.py --layers 12 --threads 0 --batch 32
     python bench/bench_infer.py --device cuda --bf16 --width 768 --patch 16 --layers 12 --batch 256
+    .venv/bin/python bench/bench_infer.py --onnx                # + onnxruntime (needs the export extra)
 
 1. open_clip CLIP (random weights) vs the same weights imported into PrunableCLIP: images/s, texts/s;
    goal ratio >= 0.95 (the own attention module must not cost speed).
 2. PrunableCLIP vs a copy sliced to half of every layer's heads and MLP neurons (about half the FLOPs):
    speed-up vs FLOPs ratio; goal >= 0.8 of the FLOPs ratio (pruning must turn into real speed).
+3. --onnx: both models exported with tools/export_onnx.py's code (fp32, parity-checked), run on
+   onnxruntime's CPU provider with the same thread count beside PyTorch: what pruning buys at deployment.
 
 Timings interleave the models and keep each one's best of several repeats, so a busy shared CPU
 slows both sides alike instead of biasing one.
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
+from pathlib import Path
 
 import open_clip
 import torch
@@ -80,7 +85,10 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
+    p.add_argument("--onnx", action="store_true", help="also onnxruntime CPU throughput (export extra)")
     args = p.parse_args()
+    if args.onnx and args.device != "cpu":
+        p.error("--onnx compares onnxruntime's CPU provider with PyTorch on the CPU: use --device cpu")
     if args.threads:  # one thread by default: OpenMP spin-waiting on a shared CPU box swamps the timings
         torch.set_num_threads(args.threads)
 
@@ -127,6 +135,50 @@ def main():
     print(
         "\nours/oc: imported vs open_clip throughput (goal >= 0.95); eff.: speed-up / FLOPs ratio (goal >= 0.8)"
     )
+    if args.onnx:
+        bench_onnx(args, {"unpruned": model, "pruned": pruned}, images, texts)
+
+
+def bench_onnx(args, models: dict, images: torch.Tensor, texts: torch.Tensor) -> None:
+    """onnxruntime (CPU, same thread count) and PyTorch on the same models, timed interleaved."""
+    import onnxruntime
+
+    from mope_dist.model.onnx_export import IMAGE_FILE, TEXT_FILE, export_onnx, ort_session
+
+    threads = args.threads or torch.get_num_threads()
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = {}
+        for name, m in models.items():
+            t0 = time.perf_counter()
+            export_onnx(m, Path(tmp) / name)
+            print(f"exported {name} in {time.perf_counter() - t0:.0f} s (onnxruntime vs PyTorch checked)")
+            sessions[name] = {f: ort_session(Path(tmp) / name / f, threads) for f in (IMAGE_FILE, TEXT_FILE)}
+        for label, file, x, encode in (
+            ("images", IMAGE_FILE, images, "encode_image"),
+            ("texts", TEXT_FILE, texts, "encode_text"),
+        ):
+            fns = {}
+            for name, m in models.items():
+                session = sessions[name][file]
+                feed = session.get_inputs()[0].name
+                fns[f"torch {name}"] = getattr(m, encode)
+                fns[f"ort {name}"] = lambda x, s=session, i=feed: s.run(None, {i: x.numpy()})
+            rates[label] = throughput(fns, x, args.repeats, contextlib.nullcontext)
+    print(
+        f"\nonnxruntime {onnxruntime.__version__} CPU vs PyTorch, {threads} threads, batch {args.batch}, fp32"
+    )
+    print(
+        f"{'':<10}{'torch/s':>9}{'ort/s':>9}{'ort/torch':>10}{'pruned: torch/s':>17}{'ort/s':>9}"
+        f"{'ort/torch':>10}{'ort speed-up':>14}"
+    )
+    for label, r in rates.items():
+        print(
+            f"{label:<10}{r['torch unpruned']:>9.1f}{r['ort unpruned']:>9.1f}"
+            f"{r['ort unpruned'] / r['torch unpruned']:>10.2f}{r['torch pruned']:>17.1f}{r['ort pruned']:>9.1f}"
+            f"{r['ort pruned'] / r['torch pruned']:>10.2f}{r['ort pruned'] / r['ort unpruned']:>14.2f}"
+        )
+    print("ort speed-up: pruned vs unpruned, both on onnxruntime")
 
 
 if __name__ == "__main__":

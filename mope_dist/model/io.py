@@ -65,10 +65,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> P
     return model.eval()
 
 
+def preprocess_cfg(model_or_spec: PrunableCLIP | CLIPSpec) -> PreprocessCfg:
+    """open_clip's PreprocessCfg of the model (its image size, mean/std, interpolation, resize mode)."""
+    spec = model_or_spec.spec if isinstance(model_or_spec, PrunableCLIP) else model_or_spec
+    return PreprocessCfg(**{**spec.preprocess, "size": list(spec.vision.image_size)})
+
+
 def transforms(model_or_spec: PrunableCLIP | CLIPSpec):
     """open_clip's (preprocess_train, preprocess_val) for the model's image size and mean/std."""
-    spec = model_or_spec.spec if isinstance(model_or_spec, PrunableCLIP) else model_or_spec
-    cfg = PreprocessCfg(**{**spec.preprocess, "size": list(spec.vision.image_size)})
+    cfg = preprocess_cfg(model_or_spec)
     return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
 
 
