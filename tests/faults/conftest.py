@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from conftest import free_port, launcher_env
 
+from mope_dist.utils import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -45,7 +47,9 @@ def write_recipe(root: Path, name: str = "recipe.yaml", **sections) -> Path:
         else:
             recipe[section] = values
     path = root / name
-    path.write_text(yaml.safe_dump(recipe))
+    # atomically: in test_training_faults every rank writes the same recipe, and a rank reading it while
+    # another truncated it for rewriting got an empty config (teacher '') and left the others waiting
+    atomic_write_text(path, yaml.safe_dump(recipe))
     return path
 
 
@@ -105,6 +109,25 @@ def session_pids(sid: int) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 pass
     return out
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, found through their parent pids: torchrun starts its
+    workers in sessions of their own, so killing its process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            children.setdefault(_ppid(int(entry.name)), []).append(int(entry.name))
+    doomed, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        doomed.append(p)
+        todo.extend(children.get(p, []))
+    for p in doomed:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _env(pid: int) -> dict:
