@@ -125,6 +125,10 @@ class DistillConfig:
     eval_every: int = 0
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_nonfinite_steps: int = 20
+    # On SIGTERM (preemption) save a checkpoint and exit, giving up after this many seconds; keep it
+    # below the scheduler's kill delay (SLURM KillWait, k8s terminationGracePeriodSeconds: 30 s by
+    # default). 0: exit at once without a checkpoint.
+    preempt_grace_s: float = 25.0
 
 
 @dataclass
@@ -369,6 +373,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         "eval.workers": cfg.eval.workers,
         "distill.warmup_steps": cfg.distill.warmup_steps,
         "distill.eval_every": cfg.distill.eval_every,
+        "distill.preempt_grace_s": cfg.distill.preempt_grace_s,
         "finetune.teacher_steps": cfg.finetune.teacher_steps,
     }.items():
         if value < 0:

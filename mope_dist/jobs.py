@@ -146,6 +146,7 @@ def train_args(cfg: Config, world_size: int, distill: bool = True) -> TrainArgs:
         max_consecutive_skips=d.max_nonfinite_steps,
         max_skip_rate=cfg.data.max_skip_rate,
         mirror_url=cfg.output.sync_url,
+        preempt_grace_s=d.preempt_grace_s,
     )
 
 

@@ -41,6 +41,7 @@ from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
 from mope_dist.distill.losses import CLIPOutputs, DistillLoss, layer_map
 from mope_dist.distill.metrics import MetricsLog, format_line
 from mope_dist.distill.optim import build_ds_config, lr_at, make_optimizer, set_lr
+from mope_dist.distill.preempt import Preemption
 from mope_dist.errors import JobError
 from mope_dist.model.runtime import eval_mode
 from mope_dist.utils import get_logger
@@ -83,6 +84,7 @@ class TrainArgs:
     max_skip_rate: float = 1.0  # stop when more than this fraction of the samples read was unusable
     mirror_url: str | None = None  # fsspec URL; checkpoints and logs are copied there in the background
     resume: bool = True
+    preempt_grace_s: float = 25.0  # SIGTERM: checkpoint, then exit (distill/preempt.py); 0: exit now
 
 
 @dataclass
@@ -314,6 +316,7 @@ def train(
         )
     metrics = MetricsLog(out, resume_step=state.step) if main else None
     last_eval: dict = {}
+    preemption = Preemption(args.preempt_grace_s)  # collective; armed before the loader forks workers
 
     try:
         if evaluate is not None and teacher is not None and state.step == 0:
@@ -437,7 +440,13 @@ def train(
                     if mirror is not None:
                         mirror.sync(["metrics.jsonl", "tensorboard"])
                 window["t0"] = time.perf_counter()
+
+            if preemption.stop_requested():  # collective, every step: SIGTERM on any rank
+                if state.step != last_saved:
+                    ckpt.save(engine, state.step, {"train_state": asdict(state)})
+                raise preemption.stopped(ckpt.dir / step_tag(state.step))
     finally:
+        preemption.close()
         for recorder in (student_rec, teacher_rec):
             if recorder is not None:
                 recorder.close()

@@ -164,6 +164,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
 
 
+def flip_byte(path: Path) -> None:
+    """Damage a file in place without changing its size: invert the bits of its middle byte."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def jpeg(i: int) -> bytes:
     import io
 
