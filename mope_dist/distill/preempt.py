@@ -92,6 +92,7 @@ class Preemption:
     def stopped(self, checkpoint) -> Preempted:
         """The error to raise once `checkpoint` (a complete one) is saved for the request."""
         self.saved = str(checkpoint)
+        dist.note_progress(checkpoint=self.saved)
         took = f" {time.monotonic() - self.requested_at:.1f}s after SIGTERM" if self.requested_at else ""
         return Preempted(
             f"checkpoint {checkpoint} saved{took} (distill.preempt_grace_s={self.grace_s:g}); rerun the "

@@ -147,6 +147,15 @@ def test_close_restores_the_previous_handler():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_preempt_grace_s_must_not_be_negative():
+    from mope_dist.config import load_config
+    from mope_dist.errors import ConfigError
+
+    assert load_config(None, ["distill.preempt_grace_s=0"]).distill.preempt_grace_s == 0.0
+    with pytest.raises(ConfigError, match=r"^distill.preempt_grace_s in the command line: must be >= 0"):
+        load_config(None, ["distill.preempt_grace_s=-1"])
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2 processes under the deepspeed launcher, then the same command again, then on 1 process
 
