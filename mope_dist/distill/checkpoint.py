@@ -7,8 +7,8 @@ Layout (output_dir/checkpoints/):
     latest                    the newest complete tag, replaced atomically after the marker
 
 A crash while saving leaves a tag dir without the marker (and `latest` still naming the previous
-tag). The marker lists every file with its size and CRC-32 (each rank checksums the files of its own
-ranks, in parallel, right after writing them). Choosing a tag to resume from checks sizes and then
+tag). The marker lists every file with its size and CRC-32 (each rank checksums the files it wrote, in
+parallel, right after writing them). Choosing a tag to resume from checks sizes and then
 reads every file of that tag against its checksum, so a truncated file or one damaged in place (same
 size, flipped bits) is caught: a warning names the file and the newest older intact tag is taken.
 
@@ -54,8 +54,8 @@ def step_tag(step: int) -> str:
 
 
 def file_checksum(path: Path) -> dict:
-    """{"size", "crc32"} of a file, read in blocks. CRC-32 (zlib) catches flipped bits and torn writes at
-    ~4x the speed of blake2b (bench/bench_checksum.py); it is not meant to resist deliberate tampering."""
+    """{"size", "crc32"} of a file, read in blocks. CRC-32 (zlib) catches flipped bits and torn writes,
+    several times faster than blake2b (bench/bench_checksum.py); it is not meant to resist deliberate tampering."""
     crc, size = 0, 0
     with open(path, "rb") as f:
         while block := f.read(CHUNK):
@@ -190,9 +190,7 @@ class CheckpointManager:
                 return tag
             log.warning(f"checkpoint {self.dir / tag} is damaged: {problem}; falling back to an older one")
         if verify and self._tags():
-            log.warning(
-                f"no complete, undamaged checkpoint in {self.dir}: training starts from the beginning"
-            )
+            log.warning(f"no complete, undamaged checkpoint in {self.dir} to resume from")
         return None
 
     def save(self, engine, step: int, client_state: dict) -> str:

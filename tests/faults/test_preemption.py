@@ -114,7 +114,7 @@ def test_sigterm_saves_a_checkpoint_then_exits_with_one_line(ended):
     step = int(e["latest"].split("_")[1])
     assert e["last"].startswith(f"preempted: checkpoint {e['dir'] / e['latest']} saved ")
     assert "s after SIGTERM (distill.preempt_grace_s=30); rerun the same command" in e["last"]
-    assert e["last"].endswith(f"[step {step}]")
+    assert e["last"].endswith(f"[step {step}, checkpoint {e['dir'] / e['latest']}]")
 
 
 def test_grace_period_expiry_exits_without_a_torn_checkpoint(ended):
