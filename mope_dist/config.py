@@ -136,6 +136,10 @@ class DistillConfig:
     eval_every: int = 0
     # Stop after this many consecutive steps with a non-finite loss or gradient.
     max_nonfinite_steps: int = 20
+    # On SIGTERM (preemption) save a checkpoint and exit, giving up after this many seconds; keep it
+    # below the scheduler's kill delay (SLURM KillWait, k8s terminationGracePeriodSeconds: 30 s by
+    # default). 0: exit at once without a checkpoint.
+    preempt_grace_s: float = 25.0
 
 
 @dataclass
@@ -304,7 +308,7 @@ def _validate_distill(cfg: Config, fail) -> None:
         cfg,
         fail,
         positive=tuple(f"distill.{k}" for k in positive),
-        non_negative=("distill.warmup_steps", "distill.eval_every"),
+        non_negative=("distill.warmup_steps", "distill.eval_every", "distill.preempt_grace_s"),
     )
     if cfg.data.batch_size % d.grad_accum:
         fail(

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as tdist
 import torch.distributed.distributed_c10d as c10d
 
-from mope_dist.errors import ConfigError, JobError
+from mope_dist.errors import ConfigError, JobError, Preempted
 
 
 @dataclass(frozen=True)
@@ -105,13 +105,41 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, src: int = 0):
+def _multi() -> bool:
+    return tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def broadcast_object(obj, src: int = 0, group=None):
     """Send a small object we built ourselves (config, plan) from `src` to every rank."""
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+    if not _multi():
         return obj
     box = [obj]
-    tdist.broadcast_object_list(box, src=src)
+    tdist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's small object (e.g. checksums of the files it wrote), in rank order, on every rank."""
+    if not _multi():
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+_long_wait_groups: dict = {}
+
+
+def long_wait_group(timeout_s: float):
+    """A gloo group over all ranks whose collectives wait up to `timeout_s`, for waiting on work that one
+    rank does alone and that may outlast dist_timeout_s (converting a checkpoint). Collective on first use
+    (every rank must ask for it at the same point); None in a single process."""
+    if not _multi():
+        return None
+    if timeout_s not in _long_wait_groups:
+        timeout = datetime.timedelta(seconds=timeout_s)
+        _long_wait_groups[timeout_s] = tdist.new_group(backend="gloo", timeout=timeout)
+    return _long_wait_groups[timeout_s]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,6 +184,8 @@ def failure_line(exc: BaseException) -> tuple[str, int]:
     chained = exc.__cause__ or exc.__context__
     if isinstance(exc, ConfigError):
         return f"config error: {exc}", 2
+    if isinstance(exc, Preempted):
+        return f"preempted: {exc}", 128 + signal.SIGTERM
     if isinstance(exc, JobError):
         return f"error: {_message(exc)}", 1
     if is_collective_failure(exc) or (chained is not None and is_collective_failure(chained)):
@@ -197,17 +227,20 @@ def _excepthook(exc_type, exc, tb) -> None:
     os._exit(status)
 
 
-def _on_sigterm(signum, frame) -> None:
-    if os.getpid() != _handler_pid:  # a forked DataLoader worker: its rank says it once
-        os._exit(128 + signal.SIGTERM)
-    print(
-        f"{_rank_tag()}received SIGTERM (the launcher stops every rank when one fails; a scheduler "
-        "preempts this way): exiting; rerun the same command to resume from the latest complete checkpoint",
-        file=sys.stderr,
-        flush=True,
-    )
+def exit_with_line(line: str, status: int = 128 + signal.SIGTERM) -> None:
+    """End the process now with `line` (rank-tagged, with the progress note) as its last line."""
+    print(f"{_rank_tag()}{line}{_where()}", file=sys.__stderr__, flush=True)
     sys.stdout.flush()
-    os._exit(128 + signal.SIGTERM)
+    os._exit(status)
+
+
+def _on_sigterm(signum, frame) -> None:
+    if os.getpid() != _handler_pid:  # a forked child (not a DataLoader worker: torch handles theirs)
+        os._exit(128 + signal.SIGTERM)
+    exit_with_line(
+        "received SIGTERM (the launcher stops every rank when one fails; a scheduler preempts this way): "
+        "exiting; rerun the same command to resume from the latest complete checkpoint"
+    )
 
 
 def install_failure_handlers() -> None:

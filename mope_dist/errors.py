@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class JobError(RuntimeError):
     """A failure with a clear cause and remedy: reported as one `error: ...` line (no traceback), exit 1."""
+
+
+class Preempted(JobError):
+    """Training stopped on SIGTERM after saving a checkpoint: reported as one `preempted: ...` line, exit 143."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import free_port
+from faults.conftest import flip_byte
 
 from mope_dist.model import load_model, save_pretrained
 
@@ -162,6 +163,13 @@ def test_errors(runs, tmp_path, capsys):
     (ckpts / TAG / "mp_rank_00_model_states.pt").write_bytes(b"")
     msg = _error([ckpts, tmp_path / "o", "--student-config", run / "pruned"], capsys)
     assert "is incomplete" in msg
+    # A file damaged in place (same size, one byte flipped): named, nothing written.
+    shutil.rmtree(ckpts)
+    shutil.copytree(run / "checkpoints", ckpts)
+    flip_byte(ckpts / TAG / "mp_rank_00_model_states.pt")
+    msg = _error([ckpts, tmp_path / "o", "--student-config", run / "pruned"], capsys)
+    assert f"{TAG} is incomplete or damaged: mp_rank_00_model_states.pt does not match its CRC-32" in msg
+    assert not (tmp_path / "o").exists()
     (ckpts / "step_00000001" / "mope_complete.json").unlink()
     msg = _error(
         [ckpts, tmp_path / "o", "--student-config", run / "pruned", "--tag", "step_00000001"], capsys

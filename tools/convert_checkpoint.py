@@ -5,7 +5,9 @@
 RUN_DIR is a run's output_dir (or its checkpoints/ folder, or one tag folder inside it). The student's
 architecture comes from RUN_DIR/pruned/config.json (override with --student-config); the weights from
 checkpoints/<tag>/ (default: the tag named in checkpoints/latest). A tag the trainer did not mark
-complete (mope_complete.json: a save that broke off) is refused. No process group is started.
+complete (mope_complete.json: a save that broke off) is refused, and so is one whose files no longer
+match the sizes and CRC-32 checksums the marker lists (one line naming the file). No process group is
+started.
 
 ZeRO 1-3: DeepSpeed's own zero_to_fp32 merges the fp32 master partitions; it reads the optimizer
 shards with torch.load(weights_only=True) here (mope_dist.distill.checkpoint.weights_only_loading: only
@@ -28,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from mope_dist.distill.checkpoint import MARKER, is_complete, weights_only_loading
+from mope_dist.distill.checkpoint import MARKER, damaged_file
+from mope_dist.distill.safe_load import weights_only_loading
 from mope_dist.model import CLIPSpec, count_params, load_model, save_pretrained
 from mope_dist.model.clip import build_on_meta
 from mope_dist.model.io import read_config
@@ -74,14 +77,14 @@ def resolve_checkpoint(path: Path, tag: str | None) -> tuple[Path, Path, str]:
 
 
 def check_complete(root: Path, tag: str) -> None:
-    """The trainer marks a tag complete only after every rank saved; refuse a tag whose save broke off.
-    Checkpoints written by plain DeepSpeed carry no marker at all and are taken as they are."""
+    """The trainer marks a tag complete only after every rank saved, with each file's size and checksum;
+    refuse a tag whose save broke off or whose files changed since. Checkpoints written by plain
+    DeepSpeed carry no marker at all and are taken as they are."""
     tag_dir = root / tag
     if (tag_dir / MARKER).is_file():
-        if not is_complete(tag_dir):
-            raise ConvertError(
-                f"checkpoint {tag_dir} is incomplete: files listed in {MARKER} are missing or truncated"
-            )
+        problem = damaged_file(tag_dir)
+        if problem:
+            raise ConvertError(f"checkpoint {tag_dir} is incomplete or damaged: {problem}")
         return
     complete = [t for t in _tags(root) if (root / t / MARKER).is_file()]
     if complete:

@@ -45,6 +45,7 @@ from mope_dist.distill.engine import build_engine, gathered, own_clipping
 from mope_dist.distill.losses import DistillLoss, HiddenRecorder, clip_outputs, make_loss
 from mope_dist.distill.metrics import MetricsLog, MetricWindow, flat_numbers, format_line
 from mope_dist.distill.optim import lr_at, set_lr
+from mope_dist.distill.preempt import Preemption
 from mope_dist.errors import JobError
 from mope_dist.model.runtime import eval_mode
 from mope_dist.utils import get_logger
@@ -102,6 +103,7 @@ def train(
     state = _resume(run)
     run.metrics = MetricsLog(out, resume_step=state.step) if main else None
     window, last_eval = MetricWindow(), {}
+    preemption = Preemption(cfg.preempt_grace_s)  # collective; armed before the loader forks workers
     try:
         if evaluate is not None and run.teacher is not None and state.step == 0:
             _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
@@ -123,10 +125,16 @@ def train(
             if evaluate is not None and (_due(state.step, cfg.eval_every) or last):
                 last_eval = _evaluate(run, evaluate, run.engine.module, state.step, "eval", "eval")
                 window.restart_clock()
-            if _due(state.step, cfg.ckpt_every) or last:
+            saved = _due(state.step, cfg.ckpt_every) or last
+            if saved:
                 _save(run, state)
                 window.restart_clock()
+            if preemption.stop_requested():  # collective: SIGTERM on any rank, agreed one step later
+                if not saved:
+                    _save(run, state)
+                raise preemption.stopped(run.ckpt.dir / step_tag(state.step))
     finally:
+        preemption.close()
         run.close()
         if mirror is not None:
             mirror.sync(["metrics.jsonl", "tensorboard"])

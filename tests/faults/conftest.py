@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 from conftest import free_port, launcher_env
 
+from mope_dist.utils import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -45,7 +47,9 @@ def write_recipe(root: Path, name: str = "recipe.yaml", **sections) -> Path:
         else:
             recipe[section] = values
     path = root / name
-    path.write_text(yaml.safe_dump(recipe))
+    # atomically: in test_training_faults every rank writes the same recipe, and a rank reading it while
+    # another truncated it for rewriting got an empty config (teacher '') and left the others waiting
+    atomic_write_text(path, yaml.safe_dump(recipe))
     return path
 
 
@@ -107,6 +111,25 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, found through their parent pids: torchrun starts its
+    workers in sessions of their own, so killing its process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            children.setdefault(_ppid(int(entry.name)), []).append(int(entry.name))
+    doomed, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        doomed.append(p)
+        todo.extend(children.get(p, []))
+    for p in doomed:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _env(pid: int) -> dict:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
@@ -139,6 +162,13 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def flip_byte(path: Path) -> None:
+    """Damage a file in place without changing its size: invert the bits of its middle byte."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
 
 
 def jpeg(i: int) -> bytes:

@@ -1,21 +1,25 @@
-"""Checkpoints: an interrupted or damaged save is never resumed from; a failed save (full disk,
-unwritable directory) is one clear error that leaves the previous checkpoint as `latest`; loading never
-unpickles arbitrary objects. In one process, with a stand-in for the DeepSpeed engine's save/load
+"""Checkpoints: an interrupted or damaged save (truncated, or a flipped byte: the marker holds CRC-32s)
+is never resumed from; a failed save (full disk, unwritable directory) is one clear error that leaves
+the previous checkpoint as `latest`; loading never unpickles arbitrary objects. In one process, with a stand-in for the DeepSpeed engine's save/load
 (the 2-process runs in test_training_faults and test_killed_rank use the real one)."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from faults.conftest import flip_byte
 from mope_dist import dist
 from mope_dist.distill import checkpoint as ckpt_mod
-from mope_dist.distill.checkpoint import MARKER, CheckpointManager, safe_torch_load, weights_only_loading
+from mope_dist.distill.checkpoint import MARKER, CheckpointManager
+from mope_dist.distill.safe_load import safe_torch_load, weights_only_loading
 from mope_dist.errors import JobError
 
 FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -76,6 +80,32 @@ def test_damaged_checkpoint_files_are_detected(tmp_path, damage):
     assert mgr.latest() == "step_00000002"
 
 
+def test_a_flipped_byte_is_detected_and_resume_falls_back(tmp_path, caplog):
+    mgr = saved(tmp_path)
+    damaged = mgr.dir / "step_00000004" / FILES[1]
+    size = damaged.stat().st_size
+    flip_byte(damaged)  # same size: only the checksum can tell
+    assert damaged.stat().st_size == size and mgr.complete_tags() == ["step_00000002", "step_00000004"]
+    with caplog.at_level(logging.WARNING, logger="mope_dist"):
+        assert mgr.latest() == "step_00000002"
+    assert f"step_00000004 is damaged: {FILES[1]} does not match its CRC-32" in caplog.text
+    assert mgr.load(FakeEngine(), mgr.latest())["train_state"]["step"] == 2
+    flip_byte(mgr.dir / "step_00000002" / FILES[0])  # nothing intact left: start from the beginning
+    assert mgr.latest() is None
+
+
+def test_markers_without_checksums_are_still_read(tmp_path):
+    """Checkpoints saved before the marker listed checksums ({name: size}) are checked by size."""
+    mgr = saved(tmp_path, steps=(2,))
+    tag_dir = mgr.dir / "step_00000002"
+    marker = json.loads((tag_dir / MARKER).read_text())
+    marker["files"] = {name: entry["size"] for name, entry in marker["files"].items()}
+    (tag_dir / MARKER).write_text(json.dumps(marker))
+    assert mgr.latest() == "step_00000002"
+    (tag_dir / FILES[1]).write_bytes(b"truncated")
+    assert mgr.latest() is None
+
+
 def test_full_disk_during_save_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
     mgr = saved(tmp_path, steps=(2,))
     with pytest.raises(JobError) as err:
@@ -124,22 +154,28 @@ def test_checkpoint_files_load_without_arbitrary_unpickling(tmp_path):
 
 
 def test_deepspeed_loading_is_switched_to_weights_only_and_back(tmp_path):
+    from deepspeed.checkpoint import ds_to_universal, universal_checkpoint
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
     from deepspeed.utils import zero_to_fp32
 
     engine = type("E", (), {})()
     engine.checkpoint_engine = TorchCheckpointEngine()
     torch.save({"evil": Evil()}, tmp_path / "evil.pt")
+    converters = (zero_to_fp32, ds_to_universal, universal_checkpoint)
     with weights_only_loading(engine):
-        assert zero_to_fp32.torch.load is safe_torch_load  # DeepSpeed's converter reads safely too
+        for module in converters:  # DeepSpeed's converters and universal loader read safely too
+            assert module.torch.load is safe_torch_load
         with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
             engine.checkpoint_engine.load(str(tmp_path / "evil.pt"))
-    assert zero_to_fp32.torch is torch
+        with pytest.raises(Exception, match="Weights only load failed|Unsupported global"):
+            universal_checkpoint.torch.load(tmp_path / "evil.pt", weights_only=False)
+    assert all(module.torch is torch for module in converters)
     assert "load" not in vars(engine.checkpoint_engine)
 
 
-def test_marker_lists_every_file_with_its_size(tmp_path):
+def test_marker_lists_every_file_with_its_size_and_crc32(tmp_path):
     mgr = saved(tmp_path, steps=(2,))
     marker = json.loads((mgr.dir / "step_00000002" / MARKER).read_text())
     assert marker["step"] == 2
-    assert marker["files"] == {f: (mgr.dir / "step_00000002" / f).stat().st_size for f in FILES}
+    data = {f: (mgr.dir / "step_00000002" / f).read_bytes() for f in FILES}
+    assert marker["files"] == {f: {"size": len(b), "crc32": f"{zlib.crc32(b):08x}"} for f, b in data.items()}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -215,7 +214,7 @@ def worker(out: str, shards: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from faults.conftest import launcher_env, make_teacher
+    from faults.conftest import kill_tree, launcher_env, make_teacher
     from mope_dist.data.synthetic import write_image_text_shards
 
     root = tmp_path_factory.mktemp("training_faults")
@@ -232,7 +231,7 @@ def results(tmp_path_factory):
         try:
             proc.wait(timeout=400)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_tree(proc.pid)
             proc.wait()
     output = log.read_text(errors="replace")
     if proc.returncode != 0:
