@@ -45,6 +45,9 @@ class DataConfig:
     # Global batch per optimizer step; split over ranks and gradient-accumulation micro-steps.
     batch_size: int = 256
     workers: int = 2
+    # uint8: workers hand over raw pixels (4x less shared memory and copy than float32) and the
+    # trainer normalises on the device (mope_dist.data.device); float32: open_clip's transform as is.
+    image_dtype: Literal["uint8", "float32"] = "uint8"
     seed: int = 0
     # Stop training when more than this fraction of the samples read so far (all ranks) was unusable
     # (missing image or caption, undecodable image); 1 never stops.
@@ -92,6 +95,9 @@ class PruneConfig:
     text: TowerTarget = field(default_factory=TowerTarget)
     # uniform: the same head/MLP count in every kept layer; global: rank units across layers.
     allocation: Literal["uniform", "global"] = "uniform"
+    # Kept MLP neurons per layer rounded to a multiple of this (e.g. 64: tensor-core friendly shapes);
+    # heads need none (each is head_dim wide). 1 keeps the targets exactly.
+    width_multiple: int = 1
 
 
 @dataclass
@@ -119,6 +125,8 @@ class DistillConfig:
     gather_with_grad: bool = False
     # Recompute block activations in backward: less memory for a larger batch.
     grad_checkpointing: bool = False
+    # torch.compile the student and the teacher; null: on with CUDA, off on CPU (where it does not pay).
+    compile: bool | None = None
     log_every: int = 10
     ckpt_every: int = 500
     keep_checkpoints: int = 2
@@ -355,6 +363,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         "distill.keep_checkpoints": cfg.distill.keep_checkpoints,
         "distill.max_nonfinite_steps": cfg.distill.max_nonfinite_steps,
         "mope.neuron_groups": cfg.mope.neuron_groups,
+        "prune.width_multiple": cfg.prune.width_multiple,
         "mope.candidates_per_forward": cfg.mope.candidates_per_forward,
         "mope.proxy.batch_size": cfg.mope.proxy.batch_size,
         "eval.batch_size": cfg.eval.batch_size,
