@@ -58,7 +58,9 @@ def test_uint8_transform_then_normalize_equals_open_clip_float_pipeline(is_train
 
 
 def test_normalizer_matches_torchvision_and_casts():
-    pixels = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    pixels = torch.randint(
+        0, 256, (2, 3, 5, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
     mean, std = (0.1, 0.5, 0.9), (0.2, 0.3, 0.4)
     normalize = ImageNormalizer(mean, std)
     reference = torch.stack([Normalize(mean, std)(ToTensor()(p.permute(1, 2, 0).numpy())) for p in pixels])
@@ -162,5 +164,7 @@ def test_prefetcher_cuda_side_stream(pin):
         assert len(got) == len(batches)
         for (images, tokens), (ref, ref_tokens) in zip(got, reference, strict=True):
             assert images.dtype == dtype and images.is_cuda
-            torch.testing.assert_close(images.cpu(), ref.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+            torch.testing.assert_close(
+                images.cpu(), ref.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 0
+            )
             assert torch.equal(tokens.cpu(), ref_tokens)
