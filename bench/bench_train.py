@@ -1,6 +1,7 @@
 """Training throughput and memory of mope_dist.distill.trainer against baselines measured in the same run.
 
     DS_ACCELERATOR=cpu .venv/bin/python bench/bench_train.py [--nproc 2] [--parts distill,openclip,memory]
+    python bench/bench_train.py --nproc 1 --parts distill --model ViT-B-16 --batch 256 --precision bf16  # GPU
 
 - distill: samples/s of `train()` (DeepSpeed, teacher + all four loss terms) vs a plain PyTorch
   DDP loop doing the same student forward/backward, teacher forward, loss and AdamW step on the same
@@ -14,6 +15,11 @@
 Each part runs as one `torchrun` launch of this file; both sides of a ratio run in that same launch
 on the same batches, after warm-up steps, over the same number of timed steps, in alternating rounds
 (best round of each side reported, since the load of a shared machine drifts).
+
+`--model NAME` runs the throughput parts on any open_clip model (random weights, nothing downloaded)
+instead of the built-in mid-size CLIP. MFU (model FLOPs utilisation) is printed beside each side: the
+analytic FLOPs per sample (mope_dist.model.train_flops_per_sample) x samples/s over the device's peak
+(`--peak-tflops`, default from PEAK_TFLOPS by the GPU's name; none on CPU).
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Dense bf16 tensor-core peaks (TFLOP/s) by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
 # Mid-size CLIP for the throughput parts (compute, not Python overhead, should dominate a step).
 MODEL = dict(
     embed_dim=256,
@@ -38,12 +47,32 @@ MODEL = dict(
 )
 
 
-def _open_clip_model(cfg: dict, seed: int = 0, output_dict: bool = False):
+def _open_clip_model(cfg: dict | str, seed: int = 0, output_dict: bool = False):
+    """An open_clip model with random weights from a model_cfg dict or an open_clip model name."""
     import open_clip
     import torch
 
     torch.manual_seed(seed)
+    if isinstance(cfg, str):
+        return open_clip.create_model(cfg, output_dict=output_dict)
     return open_clip.CLIP(**cfg, output_dict=output_dict)
+
+
+def peak_tflops(device_name: str, override: float | None = None) -> float | None:
+    """The device's peak for MFU: `override`, else PEAK_TFLOPS by name, else None (MFU not printed)."""
+    if override:
+        return override
+    return next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def format_mfu(samples_per_s: float, flops_per_sample: float, peak: float | None) -> str:
+    return f"{samples_per_s * flops_per_sample / (peak * 1e12):.1%}" if peak else "n/a"
+
+
+def _device_name(device) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _student_teacher(cfg: dict):
@@ -87,12 +116,14 @@ class Batches:
         return sum(len(b[0]) for b in self.batches)
 
 
-def _batches(n: int, batch: int, cfg: dict, rank: int, device) -> list:
+def _batches(n: int, batch: int, cfg: dict | str, rank: int, device) -> list:
     """Random batches already on the device, so neither side of a ratio pays the copy."""
+    import open_clip
     import torch
 
     g = torch.Generator().manual_seed(1234 + rank)
-    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"]
+    cfg = open_clip.get_model_config(cfg) if isinstance(cfg, str) else cfg
+    size, ctx = cfg["vision_cfg"]["image_size"], cfg["text_cfg"].get("context_length", 77)
     out = []
     for _ in range(n):
         images = torch.randn(batch, 3, size, size, generator=g)
@@ -163,14 +194,15 @@ def part_distill(info, opts, out: Path) -> dict:
 
     from mope_dist.distill.losses import HiddenRecorder, make_loss
     from mope_dist.distill.optim import lr_at, make_optimizer, set_lr
+    from mope_dist.model import train_flops_per_sample
 
-    device = info.device
-    batches = _batches(opts.steps, opts.batch, MODEL, info.rank, device)
+    device, model = info.device, opts.model or MODEL
+    batches = _batches(opts.steps, opts.batch, model, info.rank, device)
     settings = _settings(opts, opts.steps, opts.batch)
     cfg = settings[0]
 
     # plain PyTorch: DDP student, frozen teacher (bf16 on GPU, like the trainer's), the same loss, AdamW
-    student, teacher = _student_teacher(MODEL)
+    student, teacher = _student_teacher(model)
     student.to(device)
     teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False)
     loss_fn = make_loss(cfg, student, teacher)
@@ -197,11 +229,12 @@ def part_distill(info, opts, out: Path) -> dict:
         return opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
 
     def trainer(r) -> float:
-        s, t = _student_teacher(MODEL)
+        s, t = _student_teacher(model)
         return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches), settings, info)
 
+    flops = train_flops_per_sample(student, teacher)
     base, ours = _alternate(opts, plain, trainer)
-    return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base)}
+    return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base), "flops_per_sample": flops}
 
 
 def part_openclip(info, opts, out: Path) -> dict:
@@ -214,10 +247,11 @@ def part_openclip(info, opts, out: Path) -> dict:
     from open_clip_train.train import train_one_epoch
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from mope_dist.model import from_open_clip
+    from mope_dist.model import from_open_clip, train_flops_per_sample
 
-    batches = _batches(opts.steps, opts.batch, MODEL, info.rank, info.device)
-    model = _open_clip_model(MODEL, output_dict=True).to(info.device)
+    arch = opts.model or MODEL
+    batches = _batches(opts.steps, opts.batch, arch, info.rank, info.device)
+    model = _open_clip_model(arch, output_dict=True).to(info.device)
 
     # open_clip_train's setup (main.py): DDP, AdamW with its exclude rule, cosine_lr, ClipLoss
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
@@ -251,12 +285,13 @@ def part_openclip(info, opts, out: Path) -> dict:
         return opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
 
     def trainer(r) -> float:
-        student = from_open_clip(_open_clip_model(MODEL)).train()  # the same initial weights (same seed)
+        student = from_open_clip(_open_clip_model(arch)).train()  # the same initial weights (same seed)
         settings = _settings(opts, opts.steps, opts.batch)
         return _trainer_samples_per_s(out / f"openclip_{r}", student, None, Batches(batches), settings, info)
 
+    flops = train_flops_per_sample(from_open_clip(_open_clip_model(arch)).spec)
     base, ours = _alternate(opts, open_clip_train, trainer)
-    return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base)}
+    return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base), "flops_per_sample": flops}
 
 
 def _rss_mb() -> float:
@@ -317,6 +352,7 @@ def worker(opts) -> None:
     result = {"distill": part_distill, "openclip": part_openclip, "memory": part_memory}[opts.part](
         info, opts, out
     )
+    result["device"] = _device_name(info.device)
     Path(out, f"{opts.part}{opts.stage if opts.part == 'memory' else ''}_rank{info.rank}.json").write_text(
         json.dumps(result)
     )
@@ -330,6 +366,7 @@ def launch(opts, part: str, out: Path, stage: int = 0) -> list[dict]:
     cmd += ["--steps", str(opts.steps), "--batch", str(opts.batch), "--zero", str(opts.zero)]
     cmd += ["--precision", opts.precision, "--rounds", str(opts.rounds)]
     cmd += ["--memory-model", opts.memory_model, "--memory-batch", str(opts.memory_batch)]
+    cmd += ["--model", opts.model] if opts.model else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         sys.exit(f"{part} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -346,6 +383,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="per-rank batch")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage of the trainer in the throughput parts")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument(
+        "--model", default=None, help="open_clip model name for the throughput parts (random weights)"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
+    )
     p.add_argument("--memory-model", default="ViT-B-32")
     p.add_argument("--memory-batch", type=int, default=4)
     p.add_argument("--out", default=None)
@@ -359,15 +402,19 @@ def main() -> None:
     out = Path(opts.out or tempfile.mkdtemp(prefix="bench_train_"))
     parts = opts.parts.split(",")
     print(
-        f"bench_train: {opts.nproc} processes, batch {opts.batch}/rank, {opts.steps} timed steps, out {out}"
+        f"bench_train: {opts.nproc} processes, batch {opts.batch}/rank, {opts.steps} timed steps, "
+        f"model {opts.model or 'built-in mid-size CLIP'}, {opts.precision}, out {out}"
     )
     for part, baseline, goal in (("distill", "plain DDP loop", 0.9), ("openclip", "open_clip_train", 1.0)):
         if part in parts:
             r = launch(opts, part, out)[0]
             rounds = " ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(r["trainer"], r["baseline"], strict=True))
+            peak = peak_tflops(r["device"], opts.peak_tflops)
+            mfu = [format_mfu(max(r[k]), r["flops_per_sample"], peak) for k in ("trainer", "baseline")]
             print(
                 f"{part:9s} trainer {max(r['trainer']):8.1f} samples/s | {baseline} {max(r['baseline']):8.1f} "
-                f"samples/s | ratio {r['ratio']:.3f} (goal >= {goal}) [rounds trainer/baseline: {rounds}]"
+                f"samples/s | ratio {r['ratio']:.3f} (goal >= {goal}) | MFU {mfu[0]} / {mfu[1]} "
+                f"({r['device']}, peak {peak or '?'} TFLOP/s) [rounds trainer/baseline: {rounds}]"
             )
     if "memory" in parts:
         print(

@@ -40,6 +40,9 @@ class DataConfig:
     # Global batch per optimizer step; split over ranks and gradient-accumulation micro-steps.
     batch_size: int = 256
     workers: int = 2
+    # uint8: workers hand over raw pixels (4x less shared memory and copy than float32) and the
+    # trainer normalises on the device (mope_dist.data.device); float32: open_clip's transform as is.
+    image_dtype: Literal["uint8", "float32"] = "uint8"
     seed: int = 0
     # Stop training when more than this fraction of the samples read so far (all ranks) was unusable
     # (missing image or caption, undecodable image); 1 never stops.
@@ -88,6 +91,9 @@ class PruneConfig:
     text: TowerTarget = field(default_factory=TowerTarget)
     # uniform: the same head/MLP count in every kept layer; global: rank units across layers.
     allocation: Literal["uniform", "global"] = "uniform"
+    # Kept MLP neurons per layer rounded to a multiple of this (e.g. 64: tensor-core friendly shapes);
+    # heads need none (each is head_dim wide). 1 keeps the targets exactly.
+    width_multiple: int = 1
 
 
 @dataclass
@@ -128,6 +134,8 @@ class DistillConfig:
     gather_with_grad: bool = False
     # Recompute block activations in backward: less memory for a larger batch.
     grad_checkpointing: bool = False
+    # torch.compile the student and the teacher; null: on with CUDA, off on CPU (where it does not pay).
+    compile: bool | None = None
     log_every: int = 10
     # Checkpoint every this many steps, and at the end.
     ckpt_every: int = 500
@@ -355,6 +363,7 @@ def _validate_finetune(cfg: Config, fail) -> None:
 
 
 def _validate_prune(cfg: Config, fail) -> None:
+    _validate_bounds(cfg, fail, positive=("prune.width_multiple",))
     for tower in ("vision", "text"):
         for unit in ("layers", "heads", "mlp"):
             key = f"prune.{tower}.{unit}"

@@ -63,6 +63,9 @@ def test_resolved_config_round_trips(recipe, tmp_path):
         (["distill.grad_accum=3"], "data.batch_size", "recipe.yaml"),
         (["distill.lr=-1"], "distill.min_lr", "recipe.yaml"),
         (["mope.towers=[audio]"], "mope.towers[0]", "the command line"),
+        (["data.image_dtype=float16"], "data.image_dtype", "the command line"),
+        (["distill.compile=maybe"], "distill.compile", "the command line"),
+        (["prune.width_multiple=0"], "prune.width_multiple", "the command line"),
     ],
 )
 def test_each_error_names_key_and_source(recipe, override, key, source):

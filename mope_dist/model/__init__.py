@@ -2,7 +2,7 @@
 
 from .clip import PrunableCLIP, TowerMasks
 from .convert import from_open_clip, load_teacher
-from .counts import count_flops, count_params, format_counts_table
+from .counts import count_flops, count_params, format_counts_table, train_flops_per_sample
 from .io import create_model_and_transforms, get_tokenizer, load_model, save_pretrained
 from .slicing import KeepSpec, TowerKeep, slice_model
 from .spec import CLIPSpec, TextSpec, TowerSpec, VisionSpec
@@ -26,4 +26,5 @@ __all__ = [
     "load_teacher",
     "save_pretrained",
     "slice_model",
+    "train_flops_per_sample",
 ]

@@ -58,6 +58,20 @@ def count_flops(model_or_spec) -> dict:
     return {"image": image, "text": text}
 
 
+def train_flops_per_sample(student, teacher=None) -> int:
+    """FLOPs one image-text pair costs a distillation step: the student's forward and backward (3x its
+    forward: the backward computes gradients for inputs and weights) plus the teacher's forward.
+
+    The numerator of MFU (model FLOPs utilisation): recomputation under gradient checkpointing and the
+    losses' small matmuls are not counted, as in the usual 6N-per-token convention."""
+    s = count_flops(student)
+    n = 3 * (s["image"] + s["text"])
+    if teacher is not None:
+        t = count_flops(teacher)
+        n += t["image"] + t["text"]
+    return n
+
+
 def format_counts_table(before, after=None, names: tuple[str, str] = ("before", "after")) -> str:
     """A plain-text table of params and GFLOPs for one model/spec, or two side by side with ratios."""
     cols = [_spec(before)] + ([_spec(after)] if after is not None else [])

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Issue 13's GPU figures in one run on the lent H200 (about 5-6 minutes of device time).
+#   here, once, in the checkout that travels:  bash bench/gpu_check.sh --prepare
+#       -> .gpu_deps/ (gitignored, ~20 MB): wheels the device lacks (open_clip_torch, webdataset, ...) and
+#          deepspeed's package folder (published as a source archive only; pure Python, ops JIT-built)
+#   on the device (device tool: carry [".gpu_deps"], timeout_s 600):  bash bench/gpu_check.sh
+#       -> prints a compact log; gpu_check.log, bench_job.json, job.log land in $OUT
+# Step limits add up to ~510 s; expected ~5.5 min in all (install ~10 s, bench_job ~3 min).
+# Each step has its own time limit; a failing step is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEPS=.gpu_deps
+
+if [ "${1:-}" = "--prepare" ]; then
+  set -e
+  py=${PYTHON:-.venv/bin/python}  # an interpreter with this project's deepspeed installed
+  rm -rf "$DEPS" && mkdir -p "$DEPS/wheels" "$DEPS/site"
+  "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d "$DEPS/wheels" open_clip_torch==3.3.0 webdataset==1.0.2 braceexpand==0.1.7 ftfy==6.3.1 \
+    wcwidth==0.9.4 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 \
+    typing_inspection==0.4.5 typing_extensions==4.16.0
+  site=$("$py" -c "import importlib.util as u, os; print(os.path.dirname(u.find_spec('deepspeed').submodule_search_locations[0]))")
+  (cd "$site" && tar --exclude=__pycache__ -cf - deepspeed deepspeed-*.dist-info) | tar -C "$DEPS/site" -xf -
+  du -sh "$DEPS" "$DEPS"/*
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/gpu_check_out}
+WORK=/tmp/gpu_check
+mkdir -p "$OUT" "$WORK"
+exec > >(tee "$OUT/gpu_check.log") 2>&1
+[ -d "$DEPS/wheels" ] || { echo "no $DEPS/wheels: run 'bash bench/gpu_check.sh --prepare' here and carry $DEPS"; exit 2; }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  "$DEPS"/wheels/*.whl || exit 1
+export PYTHONPATH="$PWD:/tmp/site:$PWD/$DEPS/site" PYTHON=python3 HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 \
+  TORCH_EXTENSIONS_DIR=/tmp/torch_extensions
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, torchvision, deepspeed, open_clip, webdataset; print('torch', torch.__version__, \
+'torchvision', torchvision.__version__, 'deepspeed', deepspeed.__version__, 'open_clip', open_clip.__version__, \
+'| cpus', __import__('os').cpu_count())" || exit 1
+
+step() {  # step NAME LIMIT_S COMMAND...
+  local name=$1 limit=$2 start=$SECONDS
+  shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@"
+  echo "== $name: exit $? after $((SECONDS - start)) s"
+}
+
+step "device input path tests" 45 python3 -m pytest -q -p no:cacheprovider tests/test_device_input.py
+step "bench_train distill, ViT-B-16, batch 256, bf16, ZeRO-1" 110 \
+  python3 bench/bench_train.py --nproc 1 --parts distill --model ViT-B-16 --batch 256 --precision bf16 \
+  --zero 1 --steps 20 --rounds 1 --out "$WORK/bench_train"
+step "host syncs per training step (mid-size CLIP, bf16, ZeRO-1)" 45 python3 bench/sync_check.py --steps 8
+step "bench_job, ViT-B-16 -> half, 224 px, batch 256, 12 workers" 260 \
+  python3 bench/bench_job.py --model ViT-B-16 --batch 256 --workers 12 --steps 100 --warmup 20 \
+  --log-every 10 --samples 2400 --shards 24 --out "$WORK/bench_job"
+cp "$WORK/bench_job/bench_job.json" "$WORK/bench_job/job.log" "$OUT/" 2>/dev/null
+step "bench_infer ViT-B/16 dims, bf16, batch 256" 50 \
+  python3 bench/bench_infer.py --device cuda --bf16 --width 768 --layers 12 --patch 16 --batch 256 --threads 0
+echo "== gpu_check done in $SECONDS s"

@@ -1,0 +1,88 @@
+"""Where the training step waits for the GPU: host syncs inside train(), by call site (CUDA only).
+
+    python bench/sync_check.py [--steps 8] [--zero 1] [--precision bf16]
+
+Runs train() (distillation, all four losses) on bench_train.py's mid-size CLIP pair with in-memory
+batches under `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that blocks the
+host on the device (.item(), .tolist(), non-pinned copies to the host, ...). Each warning is attributed
+to the innermost frame in mope_dist, deepspeed or torch.nn; a call site counted about once per step is
+a sync in every step, which keeps the host from queueing the next step's work while the GPU is busy.
+Counting runs from the loop's start to the last step's end (the trainer's `dist.note_progress(step=)`
+calls), so engine set-up and the final log, checkpoint and export are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench_train import MODEL, Batches, _batches, _student_teacher, _train_args  # noqa: E402
+
+OURS = (f"{Path('mope_dist')}/", f"{Path('deepspeed')}/", f"{Path('torch', 'nn')}/")
+
+
+def call_site(stack: list[traceback.FrameSummary]) -> str:
+    """The innermost frame in our code or DeepSpeed (else the innermost of all), as file:line function."""
+    frames = [f for f in stack if "warnings.py" not in f.filename and f.filename != __file__]
+    frame = next((f for f in reversed(frames) if any(p in f.filename for p in OURS)), frames[-1])
+    short = frame.filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
+    return f"{short}:{frame.lineno} {frame.name}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--zero", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    opts = p.parse_args()
+
+    import torch
+
+    from mope_dist import dist
+    from mope_dist.distill.trainer import train
+
+    if not torch.cuda.is_available():
+        sys.exit("sync_check: needs a CUDA device")
+    info = dist.init_distributed(use_deepspeed=True)
+    student, teacher = _student_teacher(MODEL)
+    args = _train_args(opts, opts.steps, opts.batch, distill=True)
+    args.total_steps, args.log_every = opts.steps, opts.steps
+    batches = Batches(_batches(opts.steps, opts.batch, MODEL, 0, info.device))
+
+    sites: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            sites[call_site(traceback.extract_stack())] += 1
+
+    note_progress = dist.note_progress
+
+    def progress(**fields):  # the loop starts at step 0 and has finished its work at the last step
+        note_progress(**fields)
+        if fields.get("step") in (0, opts.steps):
+            torch.cuda.set_sync_debug_mode("warn" if fields["step"] == 0 else "default")
+
+    dist.note_progress = progress
+    warnings.showwarning = record
+    warnings.simplefilter("always")
+    with tempfile.TemporaryDirectory() as out:
+        train(student, teacher, batches, args, out, info)
+    print(
+        f"host syncs in train() over {opts.steps} steps ({opts.precision}, ZeRO-{opts.zero}), by call site:"
+    )
+    for site, n in sites.most_common(25):
+        print(f"  {n:5d}  ({n / opts.steps:4.1f}/step)  {site}")
+    print(f"total {sum(sites.values())} ({sum(sites.values()) / opts.steps:.1f} per step)")
+
+
+if __name__ == "__main__":
+    main()
