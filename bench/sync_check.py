@@ -14,6 +14,7 @@ calls), so engine set-up and the final log, checkpoint and export are left out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import traceback
@@ -24,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_train import MODEL, Batches, _batches, _student_teacher, _train_args  # noqa: E402
+from bench_train import MODEL, Batches, _batches, _settings, _student_teacher  # noqa: E402
 
 OURS = (f"{Path('mope_dist')}/", f"{Path('deepspeed')}/", f"{Path('torch', 'nn')}/")
 
@@ -54,8 +55,8 @@ def main() -> None:
         sys.exit("sync_check: needs a CUDA device")
     info = dist.init_distributed(use_deepspeed=True)
     student, teacher = _student_teacher(MODEL)
-    args = _train_args(opts, opts.steps, opts.batch, distill=True)
-    args.total_steps, args.log_every = opts.steps, opts.steps
+    cfg, ds, batch = _settings(opts, opts.steps, opts.batch)
+    cfg = dataclasses.replace(cfg, steps=opts.steps, log_every=opts.steps)
     batches = Batches(_batches(opts.steps, opts.batch, MODEL, 0, info.device))
 
     sites: Counter[str] = Counter()
@@ -75,7 +76,17 @@ def main() -> None:
     warnings.showwarning = record
     warnings.simplefilter("always")
     with tempfile.TemporaryDirectory() as out:
-        train(student, teacher, batches, args, out, info)
+        train(
+            student,
+            teacher,
+            batches,
+            cfg,
+            ds,
+            micro_batch_size=batch,
+            output_dir=out,
+            dist_info=info,
+            max_skip_rate=1.0,
+        )
     print(
         f"host syncs in train() over {opts.steps} steps ({opts.precision}, ZeRO-{opts.zero}), by call site:"
     )

@@ -74,7 +74,7 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
 
 
 class DevicePrefetcher:
-    """Iterate over (images, tokens) batches from `batches`, yielding them on `device` with the images
+    """Iterate over (images, tokens, ...) batches from `batches`, yielding them on `device` with the images
     normalised to `dtype`, the next batch already on its way while the caller works on the current one.
 
     CUDA: batch n+1 is taken from the loader, pinned if need be, copied `non_blocking` and normalised
@@ -102,33 +102,34 @@ class DevicePrefetcher:
         self.dtype = dtype
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple]:
         source = iter(self.batches)
         pending = self._issue(next(source, None))
         while pending is not None:
-            images, tokens, copied = pending
+            (images, tokens, *rest), copied = pending
             if copied is not None:
                 consumer = torch.cuda.current_stream(self.device)
                 consumer.wait_event(copied)
                 images.record_stream(consumer)
                 tokens.record_stream(consumer)
             pending = self._issue(next(source, None))
-            yield images, tokens
+            yield images, tokens, *rest
 
-    def _issue(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event | None] | None:
-        """Start moving one batch to the device; -> (images, tokens, event marking the copy's end)."""
+    def _issue(self, batch) -> tuple[tuple, torch.cuda.Event | None] | None:
+        """Start moving one batch (images, tokens, *anything else, passed through) to the device;
+        -> (the batch on the device, the event marking the copy's end)."""
         if batch is None:
             return None
-        images, tokens = batch
+        images, tokens, *rest = batch
         if self.stream is None or images.device == self.device:
             tokens = tokens.to(self.device)
-            return self._prepare(images.to(self.device)), tokens, None
+            return (self._prepare(images.to(self.device)), tokens, *rest), None
         with torch.cuda.stream(self.stream):
             images = _pinned(images).to(self.device, non_blocking=True)
             tokens = _pinned(tokens).to(self.device, non_blocking=True)
             images = self._prepare(images)
             copied = self.stream.record_event()
-        return images, tokens, copied
+        return (images, tokens, *rest), copied
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if self.normalize is not None:

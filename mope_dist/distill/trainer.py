@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ import torch
 
 from mope_dist import dist
 from mope_dist.config import DeepSpeedConfig, DistillConfig
+from mope_dist.data.device import DevicePrefetcher
 from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
 from mope_dist.distill.engine import build_engine, gathered, own_clipping
 from mope_dist.distill.losses import DistillLoss, HiddenRecorder, clip_outputs, make_loss
@@ -87,6 +89,7 @@ def train(
     max_skip_rate: float,
     mirror_url: str | None = None,
     evaluate=None,
+    normalize=None,
 ) -> TrainResult:
     """Train `student` (in place) for `cfg.steps` optimizer steps; collective on every rank.
 
@@ -95,6 +98,8 @@ def train(
     `evaluate(model) -> dict` (optional, called on every rank, e.g. distributed zero-shot) runs every
     `cfg.eval_every` steps and at the end; numeric results are logged as eval/<key>, the teacher's
     once as eval_teacher/<key>.
+    `normalize` (mope_dist.data.device.ImageNormalizer): the loader yields uint8 images, normalised on
+    the device after a copy that overlaps the previous step (DevicePrefetcher).
     """
     out, main = Path(output_dir), dist_info.is_main
     run = _setup(student, teacher, loader, cfg, ds, micro_batch_size, dist_info)
@@ -107,7 +112,8 @@ def train(
     try:
         if evaluate is not None and run.teacher is not None and state.step == 0:
             _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
-        batches = LoaderStream(loader, state.epoch, state.batch_in_epoch)
+        stream = LoaderStream(loader, state.epoch, state.batch_in_epoch)
+        batches = iter(DevicePrefetcher(stream, run.device, normalize, run.input_dtype))
         while state.step < cfg.steps:
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             step = _step(run, batches, state, window)
@@ -171,6 +177,11 @@ class _Run:
     ckpt: CheckpointManager | None = None
     metrics: MetricsLog | None = None  # rank 0 only
 
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """What the prefetcher normalises images to: the models' dtype when they share one."""
+        return self.dtype if self.dtype == self.teacher_dtype else torch.float32
+
     def close(self) -> None:
         for recorder in self.recorders:
             if recorder is not None:
@@ -190,9 +201,14 @@ def _setup(student, teacher, loader, cfg, ds, micro_batch_size, dist_info) -> _R
         teacher = teacher.to(device=device, dtype=teacher_dtype).eval().requires_grad_(False)
     student.set_grad_checkpointing(cfg.grad_checkpointing)
     recorders = (HiddenRecorder(student), HiddenRecorder(teacher)) if loss_fn.needs_hidden else (None, None)
+    engine = build_engine(student.to(device), cfg, ds, micro_batch_size)
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        engine.compile()  # in place: parameter names, hooks and checkpoints unchanged
+        if teacher is not None:
+            teacher.compile()
     return _Run(
         cfg=cfg,
-        engine=build_engine(student, cfg, ds, micro_batch_size),
+        engine=engine,
         loss_fn=loss_fn,
         teacher=teacher,
         recorders=recorders,
@@ -259,7 +275,7 @@ class _Step:
     grad_norm: torch.Tensor | None  # ours under ZeRO-0 fp32; otherwise DeepSpeed's (read when logged)
 
 
-def _step(run: _Run, batches: LoaderStream, state: TrainState, window: MetricWindow) -> _Step:
+def _step(run: _Run, batches: Iterator, state: TrainState, window: MetricWindow) -> _Step:
     """`cfg.grad_accum` micro-batches: forward (teacher, student), loss, backward, `engine.step()`.
     Records the data position consumed in `state` (consumed by a skipped step too: no replay)."""
     engine, loss_fn, (student_rec, teacher_rec) = run.engine, run.loss_fn, run.recorders
@@ -273,8 +289,6 @@ def _step(run: _Run, batches: LoaderStream, state: TrainState, window: MetricWin
                 f"loader batch of {images.shape[0]} but micro_batch_size={run.micro_batch_size}: "
                 "every rank must get full, equal batches (the DeepSpeed config assumes them)"
             )
-        images = images.to(run.device, non_blocking=True)
-        texts = texts.to(run.device, non_blocking=True)
         teacher_out = None
         if loss_fn.needs_teacher:
             with torch.no_grad():

@@ -30,7 +30,6 @@ import torch
 from open_clip.model import resize_pos_embed
 from torch import Tensor, nn
 
-from .. import __version__
 from ..errors import JobError
 from ..utils import atomic_dir
 from .clip import PrunableCLIP, Tower, build_on_meta
@@ -265,7 +264,7 @@ def export_metadata(
         files = sorted(p.name for p in export_dir.iterdir() if p.name.startswith(file))
         towers[key] = {"file": file, "files": files, **{k: v for k, v in signature.items() if k != "opset"}}
     logit_bias = None if model.logit_bias is None else model.logit_bias.item()
-    versions = {"mope_dist": __version__, "torch": torch.__version__, "onnx": onnx.__version__}
+    versions = {"mope_dist": importlib.metadata.version("mope-dist"), "torch": torch.__version__, "onnx": onnx.__version__}
     versions.update(onnxscript=importlib.metadata.version("onnxscript"), onnxruntime=ort.__version__)
     return {
         "format": "mope-dist-onnx",

@@ -32,7 +32,7 @@ from mope_dist import dist
 from mope_dist.config import Config, TowerTarget, config_from_argv
 from mope_dist.errors import ConfigError
 from mope_dist.model import count_flops, count_params, load_model, load_teacher
-from mope_dist.recipes.builders import retrieval_evaluator, train_loader
+from mope_dist.recipes.builders import TrainData, retrieval_evaluator, train_loader
 from mope_dist.recipes.phases import check_targets, prune_phase, score_units
 from mope_dist.recipes.run_dir import prepare_run_dir
 from mope_dist.recipes.training import train_and_export
@@ -124,7 +124,7 @@ def teacher_config(cfg: Config) -> Config:
 
 
 def compress(
-    cfg: Config, stage: Stage, source, teacher, loader, evaluate, info, preprocess, tokenizer
+    cfg: Config, stage: Stage, source, teacher, data: TrainData, evaluate, info, preprocess, tokenizer
 ) -> None:
     """One stage: score the units it removes on `source`, prune, distill from `teacher`, export."""
     scores_path = stage.dir / "scores" / "scores.json"
@@ -148,7 +148,7 @@ def compress(
     train_and_export(
         load_model(stage.dir / "pruned"),
         load_teacher(*teacher)[0],
-        loader,
+        data,
         cfg,
         stage.dir,
         info,
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     check_targets(cfg, model.spec)
     del model
     stages = plan_stages(cfg, out)
-    loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
+    data = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
     evaluate = retrieval_evaluator(
         cfg.finetune.eval_data, preprocess_val, tokenizer, info.device, cfg.finetune.eval_batch_size
     )
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             provenance = {"fine_tuned_from": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
             run_cfg = teacher_config(cfg)
             train_and_export(
-                load_teacher(*base)[0], None, loader, run_cfg, out / "teacher", info, evaluate, provenance
+                load_teacher(*base)[0], None, data, run_cfg, out / "teacher", info, evaluate, provenance
             )
 
     # 2. The stages, each compressing the previous one's distilled student.
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         if finished(stage.dir):
             log.info("stage %d (%s): done, reusing %s", stage.index, stage.name, stage.dir / "final")
         else:
-            compress(cfg, stage, source, teacher, loader, evaluate, info, preprocess_val, tokenizer)
+            compress(cfg, stage, source, teacher, data, evaluate, info, preprocess_val, tokenizer)
         source = (str(stage.dir / "final"), None)
         label = f"stage {stage.index} {stage.name}"
         models += [(f"{label}: pruned", (str(stage.dir / "pruned"), None)), (f"{label}: distilled", source)]

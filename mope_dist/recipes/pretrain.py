@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     # Everything that can fail on bad input is built before the first expensive phase.
     check_targets(cfg, teacher.spec)
-    loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
+    data = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     scores_path = out / "scores" / "scores.json"
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     student = load_model(out / "pruned")
 
     provenance = {"teacher": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
-    train_and_export(student, teacher, loader, cfg, out, info, evaluate=evaluate, provenance=provenance)
+    train_and_export(student, teacher, data, cfg, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(
             f"done: scores {scores_path}, plan {out / 'plan.json'}, pruned student {out / 'pruned'}, "

@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     model, preprocess_train, preprocess_val, tokenizer = load_teacher(
         cfg.teacher.name, cfg.teacher.pretrained
     )
-    loader = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
+    data = train_loader(cfg, preprocess_train, tokenizer, info.world_size)
     evaluate = zeroshot_evaluator(cfg.eval, preprocess_val, tokenizer, info.device) if cfg.eval.data else None
 
     provenance = {"architecture": cfg.teacher.name, "pretrained": cfg.teacher.pretrained}
-    train_and_export(model, None, loader, cfg, out, info, evaluate=evaluate, provenance=provenance)
+    train_and_export(model, None, data, cfg, out, info, evaluate=evaluate, provenance=provenance)
     if info.is_main:
         print(f"done: trained model {out / 'final'} (evaluations in {out / 'metrics.jsonl'})", flush=True)
 

@@ -10,11 +10,18 @@ import torch
 from mope_dist.config import Config
 from mope_dist.distill.engine import export_student, release_engine
 from mope_dist.distill.trainer import TrainState, train
-from mope_dist.recipes.builders import micro_batch_size
+from mope_dist.recipes.builders import TrainData, micro_batch_size
 
 
 def train_and_export(
-    student, teacher, loader, cfg: Config, out: Path, info, evaluate=None, provenance: dict | None = None
+    student,
+    teacher,
+    data: TrainData,
+    cfg: Config,
+    out: Path,
+    info,
+    evaluate=None,
+    provenance: dict | None = None,
 ) -> TrainState:
     """train() with cfg's distill and deepspeed sections into `out` (no teacher: contrastive only),
     export out/final, then free the engine, so that several trainings can run one after another in
@@ -22,7 +29,7 @@ def train_and_export(
     result = train(
         student,
         teacher,
-        loader,
+        data.loader,
         cfg.distill,
         cfg.deepspeed,
         micro_batch_size=micro_batch_size(cfg, info.world_size),
@@ -31,6 +38,7 @@ def train_and_export(
         max_skip_rate=cfg.data.max_skip_rate,
         mirror_url=cfg.output.sync_url,
         evaluate=evaluate,
+        normalize=data.normalize,
     )
     export_student(
         result.engine, out / "final", provenance={**(provenance or {}), "steps": result.state.step}
