@@ -73,6 +73,10 @@ class MopeConfig:
     neuron_groups: int = 16
     # Candidates evaluated in one batched forward.
     candidates_per_forward: int = 8
+    # Iterative scoring: remove each prune target's lowest units in this many steps, re-scoring the
+    # remaining units of the reduced model each round (1: the paper's one-shot scores). Costs up to
+    # `rounds` times the scoring time (less: later rounds score a smaller model).
+    rounds: int = 1
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     seed: int = 0
 
@@ -356,6 +360,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
         "distill.max_nonfinite_steps": cfg.distill.max_nonfinite_steps,
         "mope.neuron_groups": cfg.mope.neuron_groups,
         "mope.candidates_per_forward": cfg.mope.candidates_per_forward,
+        "mope.rounds": cfg.mope.rounds,
         "mope.proxy.batch_size": cfg.mope.proxy.batch_size,
         "eval.batch_size": cfg.eval.batch_size,
         "finetune.eval_batch_size": cfg.finetune.eval_batch_size,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from mope_dist.mope.report import ScoreResult, read_scores, write_scores
 from mope_dist.mope.units import enumerate_units
 from mope_dist.preflight import ARTIFACT_SECTIONS, run_dir_problem
 from mope_dist.prune.plan import make_plan
+from mope_dist.prune.rounds import score_in_rounds
 from mope_dist.utils import atomic_write_json, get_logger
 
 log = get_logger("mope_dist.jobs")
@@ -178,31 +180,41 @@ def _build_proxy(section: ProxyConfig, preprocess, tokenizer) -> ClassificationP
 
 
 def score_units(
-    cfg: Config, model, preprocess, tokenizer, device, out_dir: Path, kinds=None, towers=None, tb_writer=None
+    cfg: Config,
+    model,
+    preprocess,
+    tokenizer,
+    device,
+    out_dir: Path,
+    kinds=None,
+    towers=None,
+    tb_writer=None,
+    targets: dict[str, TowerTarget] | None = None,
 ) -> ScoreResult:
-    """Score the units of `model` (`towers`/`kinds` default to cfg.mope's) with `cfg.mope.method`;
-    rank 0 writes scores.json and heatmaps."""
+    """Score the units of `model` (`towers`/`kinds` default to cfg.mope's) with `cfg.mope.method`, in
+    `cfg.mope.rounds` rounds towards `targets` (default cfg.prune's); rank 0 writes scores.json and heatmaps."""
     m = cfg.mope
     units = enumerate_units(model, towers or m.towers, kinds or m.kinds, m.neuron_groups)
     if m.method == "magnitude":
-        result = score_magnitude(model, units)
+        score = score_magnitude
     elif m.method == "random":
-        result = score_random(units, seed=m.seed)
+        score = lambda _, us: score_random(us, seed=m.seed)  # noqa: E731
     else:
         proxy = build_proxy(m.proxy, preprocess, tokenizer)
         log.info("scoring %d units with %s on a %s proxy", len(units), m.method, m.proxy.kind)
         model = model.to(device)
         if m.method == "taylor":
-            result = score_taylor(model, units, proxy, device, batch_size=m.proxy.batch_size)
+            score = partial(score_taylor, proxy=proxy, device=device, batch_size=m.proxy.batch_size)
         else:
-            result = score_mope(
-                model,
-                units,
-                proxy,
-                device,
+            score = partial(
+                score_mope,
+                proxy=proxy,
+                device=device,
                 batch_size=m.proxy.batch_size,
                 candidates_per_forward=m.candidates_per_forward,
             )
+    targets = targets or {"vision": cfg.prune.vision, "text": cfg.prune.text}
+    result = score_in_rounds(model, units, score, targets, cfg.prune.allocation, m.rounds)
     if dist.is_main():
         write_scores(result, out_dir, tb_writer=tb_writer)
     dist.barrier()
