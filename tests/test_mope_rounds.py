@@ -16,6 +16,7 @@ from conftest import tiny_open_clip  # noqa: E402
 from test_mope import GROUPS, make_proxies, scoring_model  # noqa: E402
 
 from mope_dist.config import TowerTarget  # noqa: E402
+from mope_dist.errors import ConfigError  # noqa: E402
 from mope_dist.model import KeepSpec, from_open_clip, slice_model  # noqa: E402
 from mope_dist.mope.engine import score_mope  # noqa: E402
 from mope_dist.mope.proxies import z_from_counts  # noqa: E402
@@ -119,3 +120,15 @@ def test_units_that_only_matter_together_are_not_removed_together():
         model.spec, score_in_rounds(model, units, score, targets, rounds=2).records(), targets
     )
     assert len(iterative.vision.heads[0]) == 2 and len({0, 1} & set(iterative.vision.heads[0])) == 1
+
+
+def test_targets_the_units_cannot_reach_fail_before_any_scoring():
+    model = from_open_clip(tiny_open_clip(layers=2, width=64, head_width=16)).eval()
+    units = enumerate_units(model, kinds=["head"])
+
+    def score(reduced, us):
+        raise AssertionError("scored before the targets were checked")
+
+    targets = {"vision": TowerTarget(layers=1), "text": TowerTarget()}
+    with pytest.raises(ConfigError, match="add 'layer' to mope.kinds"):
+        score_in_rounds(model, units, score, targets, rounds=2)

@@ -69,6 +69,7 @@ def score_in_rounds(
     units = list(units)
     if rounds == 1 or not units:
         return score(model, units)
+    make_plan(model.spec, [u.to_dict() | {"score": 0.0} for u in units], targets, allocation)  # targets fit?
     values: dict[Unit, dict] = {}  # unit -> its scores.json fields from the last round that scored it
     first: ScoreResult | None = None
     round_base_z, round_units = [], []
