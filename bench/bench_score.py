@@ -1,28 +1,36 @@
-"""MoPE scoring engine vs the naive reference (slice each unit out, evaluate the full model), same run.
+"""MoPE scoring engine vs the naive reference (slice each unit out, evaluate the full model), same run;
+then the cost of iterative scoring (mope.rounds) against one round.
 
     .venv/bin/python bench/bench_score.py                 # 4-layer tiny CLIP, both proxies, CPU
     .venv/bin/python bench/bench_score.py --proxy retrieval --layers 6 --width 256
+    .venv/bin/python bench/bench_score.py --rounds 2 3 5 --skip-naive
 
 Both score the same model, proxy set and candidate list; their integer counts must be identical
-(asserted). Prints wall times, candidates/s and the speed-up (also as a ratio of process CPU time,
-steadier than wall time on a shared box). One intra-op thread by default: on a shared CPU box OpenMP
-spin-waiting makes tiny-model timings meaningless (--threads to change).
+(asserted; tests/test_mope.py also compares the log-probability tie-breaker, which the naive loop
+here skips, as it did before the engine computed it: it needs no extra forward there). Prints
+wall times, candidates/s and the speed-up (also as a ratio of process CPU time, steadier than wall
+time on a shared box). Rounds are timed towards the demo's targets (half the layers, heads and MLP
+width of both towers). One intra-op thread by default: on a shared CPU box OpenMP spin-waiting makes
+tiny-model timings meaningless (--threads to change).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import open_clip
 import torch
 import torch.nn.functional as F
 
+from mope_dist.config import TowerTarget
 from mope_dist.model import from_open_clip
 from mope_dist.mope.engine import score_mope
 from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy
 from mope_dist.mope.reference import score_mope_naive
 from mope_dist.mope.units import enumerate_units
+from mope_dist.prune.rounds import score_in_rounds
 
 CONTEXT = 16
 
@@ -98,6 +106,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--bf16", action="store_true", help="also time the engine under bf16 autocast (GPU)")
+    ap.add_argument("--rounds", type=int, nargs="*", default=[2, 3], help="iterative scoring to time")
+    ap.add_argument("--skip-naive", action="store_true", help="only the engine and its rounds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -109,34 +119,45 @@ def main() -> None:
         f"model: {args.layers} layers x 2 towers, width {args.width}, {len(units)} candidates "
         f"(heads, {args.neuron_groups} neuron groups/layer, layers); {args.device}, {args.threads} thread(s)"
     )
+    targets = {t: TowerTarget(layers=args.layers // 2, heads=0.5, mlp=0.5) for t in ("vision", "text")}
+    kw = dict(batch_size=args.batch_size, candidates_per_forward=args.candidates_per_forward, progress=False)
     for kind in kinds:
         proxy = make_proxy(kind, model, args.images, args.classes, args.templates)
         t0, c0 = time.perf_counter(), time.process_time()
-        ref = score_mope_naive(model, units, proxy, device, batch_size=args.batch_size)
-        t_naive, c_naive = time.perf_counter() - t0, time.process_time() - c0
-        t0, c0 = time.perf_counter(), time.process_time()
-        kw = dict(
-            batch_size=args.batch_size, candidates_per_forward=args.candidates_per_forward, progress=False
-        )
         got = score_mope(model, units, proxy, device, autocast=False, **kw)
         t_engine, c_engine = time.perf_counter() - t0, time.process_time() - c0
-        differ = sum(a != b for a, b in zip(got.counts, ref.counts, strict=True))
-        differ += got.base_counts != ref.base_counts
-        print(
-            f"{kind:>14}: naive {t_naive:7.2f}s ({len(units) / t_naive:6.1f} cand/s) | "
-            f"engine {t_engine:6.2f}s ({len(units) / t_engine:6.1f} cand/s) | "
-            f"speed-up {t_naive / t_engine:5.1f}x (CPU time {c_naive / c_engine:4.1f}x) | "
-            f"units whose counts differ: {differ} (base Z {got.base_z:.3f})"
-        )
-        assert differ == 0, "engine and naive reference disagree"
+        line = f"{kind:>14}: engine {t_engine:6.2f}s ({len(units) / t_engine:6.1f} cand/s)"
+        if not args.skip_naive:
+            t0, c0 = time.perf_counter(), time.process_time()
+            ref = score_mope_naive(model, units, proxy, device, batch_size=args.batch_size, logp=False)
+            t_naive, c_naive = time.perf_counter() - t0, time.process_time() - c0
+            differ = sum(a != b for a, b in zip(got.counts, ref.counts, strict=True))
+            differ += got.base_counts != ref.base_counts
+            line += (
+                f" | naive {t_naive:7.2f}s ({len(units) / t_naive:6.1f} cand/s) | "
+                f"speed-up {t_naive / t_engine:5.1f}x (CPU time {c_naive / c_engine:4.1f}x) | "
+                f"units whose counts differ: {differ} (base Z {got.base_z:.3f})"
+            )
+            assert differ == 0, "engine and naive reference disagree"
+        print(line, flush=True)
+        for rounds in args.rounds:
+            t0, c0 = time.perf_counter(), time.process_time()
+            score = partial(score_mope, proxy=proxy, device=device, autocast=False, **kw)
+            result = score_in_rounds(model, units, score, targets, "uniform", rounds)
+            t_rounds, c_rounds = time.perf_counter() - t0, time.process_time() - c0
+            print(
+                f"{'':>14}  {rounds} rounds: {t_rounds:6.2f}s = {t_rounds / t_engine:4.2f}x one round "
+                f"(CPU time {c_rounds / c_engine:4.2f}x); units scored per round {result.meta['round_units']}",
+                flush=True,
+            )
         if args.bf16:
             t0 = time.perf_counter()
             fast = score_mope(model, units, proxy, device, autocast=True, **kw)
             t_bf16 = time.perf_counter() - t0
             same = sum(a == b for a, b in zip(fast.counts, got.counts, strict=True))
             print(
-                f"{'':>14}  engine bf16 {t_bf16:6.2f}s ({len(units) / t_bf16:6.1f} cand/s) | speed-up vs naive fp32 "
-                f"{t_naive / t_bf16:5.1f}x | counts equal to fp32 for {same}/{len(units)} units, "
+                f"{'':>14}  engine bf16 {t_bf16:6.2f}s ({len(units) / t_bf16:6.1f} cand/s) | speed-up vs fp32 "
+                f"{t_engine / t_bf16:5.1f}x | counts equal to fp32 for {same}/{len(units)} units, "
                 f"score rank correlation {rank_correlation(fast.scores, got.scores):.3f}"
             )
 

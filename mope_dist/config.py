@@ -72,6 +72,10 @@ class MopeConfig:
     neuron_groups: int = 16
     # Candidates evaluated in one batched forward.
     candidates_per_forward: int = 8
+    # Iterative scoring: remove each prune target's lowest units in this many steps, re-scoring the
+    # remaining units of the reduced model each round (1: the paper's one-shot scores). Costs up to
+    # `rounds` times the scoring time (less: later rounds score a smaller model).
+    rounds: int = 1
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     seed: int = 0
 
@@ -338,7 +342,14 @@ def _validate_mope(cfg: Config, fail) -> None:
     if m.method not in METHODS:
         fail("mope.method", f"must be one of {', '.join(repr(name) for name in METHODS)}, got {m.method!r}")
     _validate_bounds(
-        cfg, fail, positive=("mope.neuron_groups", "mope.candidates_per_forward", "mope.proxy.batch_size")
+        cfg,
+        fail,
+        positive=(
+            "mope.neuron_groups",
+            "mope.candidates_per_forward",
+            "mope.rounds",
+            "mope.proxy.batch_size",
+        ),
     )
     for i, tower in enumerate(m.towers):
         if tower not in ("vision", "text"):

@@ -9,23 +9,43 @@ import json
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import free_port, tiny_images, tiny_open_clip, tiny_texts  # noqa: E402
+from conftest import (  # noqa: E402
+    VOCAB_SIZE as VOCAB,
+)
+from conftest import (
+    free_port,
+    randomize_,
+    tiny_images,
+    tiny_open_clip,
+    tiny_open_clip_cfg,
+    tiny_texts,
+)
 
-from mope_dist.model import count_params, from_open_clip, load_model, save_pretrained, slice_model  # noqa: E402
+from mope_dist.model import (  # noqa: E402
+    TowerMasks,
+    count_params,
+    from_open_clip,
+    load_model,
+    save_pretrained,
+    slice_model,
+)
 from mope_dist.mope import engine  # noqa: E402
 from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor, unit_tensors  # noqa: E402
 from mope_dist.mope.engine import score_mope  # noqa: E402
+from mope_dist.mope.forward import StagedForward  # noqa: E402
 from mope_dist.mope.proxies import ClassificationProxy, RetrievalProxy, local_batches  # noqa: E402
 from mope_dist.mope.reference import score_mope_naive  # noqa: E402
-from mope_dist.mope.report import read_scores, write_scores  # noqa: E402
-from mope_dist.mope.units import enumerate_units, keep_without  # noqa: E402
+from mope_dist.mope.report import ScoreResult, read_scores, write_scores  # noqa: E402
+from mope_dist.mope.units import enumerate_units, keep_without, tower_of  # noqa: E402
 
 K, M = 6, 3  # classes, templates
 GROUPS = 4
@@ -123,6 +143,67 @@ def test_engine_equals_naive_reference(model, kind, gather_bytes, monkeypatch):
     assert got.scores == ref.scores
     assert 0 < got.base_z < 1
     assert sum(s != 0 for s in got.scores) >= len(units) // 4, "removals should move the proxy"
+    # the continuous tie-breaker: same mean log-probabilities up to float rounding
+    torch.testing.assert_close(got.base_logp, ref.base_logp, atol=2e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(got.logp), torch.tensor(ref.logp), atol=2e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(got.logp_drop), torch.tensor(ref.logp_drop), atol=4e-6, rtol=0)
+    assert got.base_logp < 0
+    assert len(set(got.scores)) < len(units) == len(set(got.logp_drop)), "top-1 ties, broken by logp"
+
+
+def masked_features(tower, inputs, units):
+    """Reference for the engine's shortcuts: the tower's own forward with one unit masked per
+    candidate (TowerMasks, tested against physical slicing in test_model_masks)."""
+    n_layers, c = len(tower.blocks), len(units)
+    head, mlp, layer = [None] * n_layers, [None] * n_layers, torch.ones(c, n_layers)
+    for i, u in enumerate(units):
+        block = tower.blocks[u.layer]
+        if u.kind == "head":
+            head[u.layer] = torch.ones(c, block.num_heads) if head[u.layer] is None else head[u.layer]
+            head[u.layer][i, u.index] = 0
+        elif u.kind == "neurons":
+            mlp[u.layer] = torch.ones(c, block.mlp_dim) if mlp[u.layer] is None else mlp[u.layer]
+            mlp[u.layer][i, list(u.neurons)] = 0
+        else:
+            layer[i, u.layer] = 0
+    feats = tower(inputs, masks=TowerMasks(head=head, mlp=mlp, layer=layer))
+    return torch.nn.functional.normalize(feats, dim=-1).view(c, inputs.shape[0], -1)
+
+
+@pytest.mark.parametrize(
+    "vision_kw,text_kw",
+    [
+        (dict(), dict()),  # class-token pooling; causal text pooled at argmax
+        (dict(pool="avg", layer_scale=True, act="quick_gelu"), dict(pool_type="eos", eos_id=VOCAB - 1)),
+        (dict(final_ln_after_pool=True), dict(pool_type="first", no_causal_mask=True)),
+        (dict(), dict(embed_cls=True)),  # appended class token with a padding mask
+        (dict(), dict(pool_type="last", proj_type="none")),
+    ],
+    ids=["tok-argmax", "avg-eos", "lnpool-first", "embedcls", "last-noproj"],
+)
+def test_staged_forward_equals_masked_forward(vision_kw, text_kw):
+    """Shared block parts, subtracted head / neuron shares and the pooled-only last block give the
+    features of the masked forward (up to float rounding), for every unit and pooling rule."""
+    cfg = tiny_open_clip_cfg(layers=3, **vision_kw)
+    cfg["text_cfg"].update(text_kw)
+    if text_kw.get("proj_type") == "none":
+        cfg["text_cfg"].update(width=cfg["embed_dim"], heads=cfg["embed_dim"] // 16)
+    torch.manual_seed(0)
+    model = from_open_clip(randomize_(open_clip.CustomTextCLIP(**cfg)).eval()).eval()
+    inputs = {"vision": tiny_images(5, seed=2), "text": tiny_texts(5, seed=3)}
+    with torch.no_grad():
+        for tower_name in ("vision", "text"):
+            tower = tower_of(model, tower_name)
+            base = StagedForward(tower, inputs[tower_name]).features()
+            ref_base = torch.nn.functional.normalize(tower(inputs[tower_name]), dim=-1)
+            torch.testing.assert_close(base, ref_base, atol=2e-6, rtol=1e-5)
+            forward, by_layer = StagedForward(tower, inputs[tower_name]), defaultdict(list)
+            for u in enumerate_units(model, towers=[tower_name], neuron_groups=3):
+                by_layer[u.layer].append(u)
+            for layer in sorted(by_layer):  # the engine visits layers in increasing order
+                got = forward.candidate_features(by_layer[layer])
+                ref = masked_features(tower, inputs[tower_name], by_layer[layer])
+                torch.testing.assert_close(got, ref, atol=5e-6, rtol=1e-5)
 
 
 def test_depth_scores_on_width_pruned_model(model):
@@ -138,7 +219,14 @@ def test_depth_scores_on_width_pruned_model(model):
     assert got.counts == ref.counts and len(got.scores) == 4
 
 
-def _score_both(model, cls, ret):
+def _score_saved(out_dir: Path) -> dict:
+    """Both proxies' scores of the model and data saved in out_dir, loaded as every rank loads them
+    (the last float bits of a matmul can depend on where its weights sit in memory: the tie-breaker's
+    rounding sees them, so 1 and N ranks are compared on identically loaded models)."""
+    model = load_model(out_dir / "model")
+    t = load_file(out_dir / "data.safetensors")
+    cls = ClassificationProxy(t["images"], t["labels"], t["class_texts"])
+    ret = RetrievalProxy(t["r_images"], t["r_texts"], t["t2i"])
     units = enumerate_units(model, neuron_groups=GROUPS)
     kw = dict(batch_size=4, candidates_per_forward=4, gather_bytes=30000, progress=False)
     return {name: score_mope(model, units, p, **kw).to_dict() for name, p in (("cls", cls), ("ret", ret))}
@@ -155,14 +243,16 @@ def test_two_ranks_equal_one(model, tmp_path):
     cmd += ["--master_port", str(free_port()), __file__, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    one = _score_both(model, cls, ret)  # one thread, like the workers (see one_thread)
+    one = _score_saved(tmp_path)  # one thread, like the workers (see one_thread)
     for rank in range(2):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for name in ("cls", "ret"):
             assert got[name]["meta"]["world_size"] == 2
             assert got[name]["base_counts"] == one[name]["base_counts"]
             assert [u["counts"] for u in got[name]["units"]] == [u["counts"] for u in one[name]["units"]]
-            assert [u["score"] for u in got[name]["units"]] == [u["score"] for u in one[name]["units"]]
+            for key in ("score", "logp", "logp_drop"):
+                assert [u[key] for u in got[name]["units"]] == [u[key] for u in one[name]["units"]]
+            assert got[name]["base_logp"] == one[name]["base_logp"]
 
 
 def _worker(out_dir: Path):
@@ -170,11 +260,7 @@ def _worker(out_dir: Path):
 
     dist.init_distributed(timeout_s=60)
     torch.set_num_threads(1)
-    model = load_model(out_dir / "model")
-    t = load_file(out_dir / "data.safetensors")
-    cls = ClassificationProxy(t["images"], t["labels"], t["class_texts"])
-    ret = RetrievalProxy(t["r_images"], t["r_texts"], t["t2i"])
-    out = _score_both(model, cls, ret)
+    out = _score_saved(out_dir)
     (out_dir / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
 
 
@@ -236,8 +322,14 @@ def test_write_scores_json_png_tensorboard(model, tmp_path):
     assert data["format"] == "mope-dist-scores" and data["base_z"] == result.base_z
     rec = data["units"][0]
     assert set(rec) >= {"tower", "kind", "layer", "index", "neurons", "params", "score", "z", "counts"}
+    assert {"logp", "logp_drop"} <= set(rec) and data["version"] == 2 and data["base_logp"] < 0
     back = read_scores(path)
     assert back.units == units and back.scores == result.scores and back.counts == result.counts
+    assert back.logp_drop == result.logp_drop and back.base_logp == result.base_logp
+    old = dict(data, version=1, base_logp=None, units=[{k: r[k] for k in list(r)[:9]} for r in data["units"]])
+    assert ScoreResult.from_dict(old).logp_drop is None  # a version 1 file still reads
+    with pytest.raises(ValueError, match="version 3 is newer"):
+        ScoreResult.from_dict(dict(data, version=3))
     pngs = sorted(p.name for p in (tmp_path / "scores").glob("*.png"))
     assert pngs == [f"{t}_{k}.png" for t in ("text", "vision") for k in ("head", "layer", "neurons")]
     acc = EventAccumulator(str(tmp_path / "tb")).Reload()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_open_clip  # noqa: E402
 
 from mope_dist.config import load_config  # noqa: E402
-from mope_dist.data.synthetic import write_labelled_set, write_retrieval_set  # noqa: E402
+from mope_dist.data.synthetic import write_demo_data, write_labelled_set, write_retrieval_set  # noqa: E402
 from mope_dist.model import from_open_clip, load_teacher, save_pretrained  # noqa: E402
 from mope_dist.mope.baselines import score_magnitude, score_random, score_taylor  # noqa: E402
 from mope_dist.mope.engine import score_mope  # noqa: E402
@@ -80,12 +81,62 @@ def test_cli_retrieval_depth_only_and_baseline(setup):
     assert read_scores(root / "run_mag" / "scores" / "scores.json").method == "magnitude-l1"
 
 
+def test_cli_rounds_score_towards_the_targets(setup):
+    """mope.rounds=2 with prune targets: the units the first round removed are marked round 1, the
+    rest were rescored on the reduced model (round 2), and the file's meta says so."""
+    root, _ = setup
+    out = root / "run_rounds"
+    main(
+        [
+            "--config",
+            str(root / "cfg.yaml"),
+            f"output.dir={out}",
+            "mope.rounds=2",
+            "prune.vision={heads: 2, mlp: 0.5}",
+            "prune.text={layers: 1}",
+        ]
+    )
+    result = read_scores(out / "scores" / "scores.json")
+    assert result.meta["rounds"] == 2 and len(result.meta["round_base_z"]) == 2
+    first = sorted(
+        (u.tower, u.layer, u.kind) for u, r in zip(result.units, result.round, strict=True) if r == 1
+    )
+    # round 1 removes 1 of the 2 heads to go per vision layer; not yet a text layer (1 to go, in 2
+    # steps) nor a neuron group (half of one group to go: partial plans remove whole groups only)
+    assert first == [("vision", 0, "head"), ("vision", 1, "head")]
+    assert result.logp_drop is not None and result.meta["round_units"] == [28, 26]
+
+
+def test_demo_data_keeps_the_proxy_apart_from_the_evaluation_sets(tmp_path):
+    paths = write_demo_data(
+        tmp_path,
+        train_samples=8,
+        val_per_class=2,
+        proxy_per_class=2,
+        retrieval_images=6,
+        retrieval_proxy_images=6,
+    )
+    val = {p.read_bytes() for p in Path(paths["val"]).glob("*/*.jpg")}
+    proxy = {p.read_bytes() for p in Path(paths["proxy"]).glob("*/*.jpg")}
+    assert len(val) == len(proxy) == 2 * 24 and not val & proxy
+    assert (Path(paths["proxy"]) / "classnames.txt").read_text() == (
+        Path(paths["val"]) / "classnames.txt"
+    ).read_text()
+    images = {}
+    for split in ("retrieval", "retrieval_proxy"):
+        with tarfile.open(paths[split]) as tar:
+            images[split] = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")}
+    assert len(images["retrieval"]) == len(images["retrieval_proxy"]) == 6
+    assert not images["retrieval"] & images["retrieval_proxy"]
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
         ("mope.proxy.data=", "mope.proxy.data is required"),
         ("mope.kinds=[heads]", "mope.kinds[0]"),
         ("mope.method=fisher", "mope.method"),
+        ("mope.rounds=0", "mope.rounds"),
     ],
 )
 def test_cli_bad_config_exits_2(setup, capsys, override, message):

@@ -70,3 +70,100 @@ def test_targets_need_scores_and_fit_the_model(model):
         make_plan(model.spec, scores, {"vision": TowerTarget(layers=1), "text": TowerTarget()})
     with pytest.raises(ConfigError, match="prune.text.heads: target 9 is larger than the model's 4"):
         make_plan(model.spec, scores, {"vision": TowerTarget(), "text": TowerTarget(heads=9)})
+
+
+def _kept_counts(keep, spec, tower="vision"):
+    """(layers, heads per kept layer, neurons per kept layer) of a TowerKeep, absent entries = all."""
+    t, s = getattr(keep, tower), getattr(spec, tower)
+    heads = [len(t.heads.get(i, range(s.heads[i]))) for i in t.layers]
+    mlp = [len(t.mlp.get(i, range(s.mlp_dims[i]))) for i in t.layers]
+    return t.layers, heads, mlp
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+@pytest.mark.parametrize("groups", [3, 4, 7])  # 3 and 7 groups split 256 neurons unevenly
+def test_plans_keep_exactly_the_targets(model, allocation, groups):
+    """Layers, heads and MLP neurons: exactly the targeted numbers (global pools them over the kept
+    layers); a neuron group is kept whole or removed, except the one cut to fit (keeping its head)."""
+    units = enumerate_units(model, neuron_groups=groups)
+    for seed in range(3):
+        scores = _scores(units, seed=seed)
+        targets = {"vision": TowerTarget(layers=3, heads=0.5, mlp=0.3), "text": TowerTarget(heads=3, mlp=100)}
+        keep = make_plan(model.spec, scores, targets, allocation)
+        layers, heads, mlp = _kept_counts(keep, model.spec, "vision")
+        assert len(layers) == 3 and min(heads) >= 1 and min(mlp) >= 1
+        assert sum(heads) == 3 * 2 and sum(mlp) == 3 * round(0.3 * 256)
+        if allocation == "uniform":
+            assert heads == [2, 2, 2] and mlp == [77, 77, 77]
+        _, heads, mlp = _kept_counts(keep, model.spec, "text")
+        assert sum(heads) == 4 * 3 and sum(mlp) == 4 * 100
+        for tower in ("vision", "text"):
+            t = getattr(keep, tower)
+            cut = 0
+            for u in scores:
+                if u["tower"] != tower or u["kind"] != "neurons" or u["layer"] not in t.layers:
+                    continue
+                kept = [n in set(t.mlp[u["layer"]]) for n in u["neurons"]]
+                if 0 < sum(kept) < len(kept):
+                    cut += 1
+                    assert kept == sorted(kept, reverse=True), "a cut group keeps its head"
+            assert cut <= (1 if allocation == "global" else len(t.layers))
+
+
+def test_ties_are_broken_by_logp_drop_and_later_rounds_rank_first(model):
+    units = [u for u in enumerate_units(model, neuron_groups=4) if u.tower == "vision" and u.kind == "head"]
+    g = torch.Generator().manual_seed(5)
+    drops = torch.randn(len(units), generator=g).tolist()
+    scores = [dict(u.to_dict(), score=0.0, logp_drop=d) for u, d in zip(units, drops, strict=True)]
+    keep = plan_tower([4] * 4, [256] * 4, scores, TowerTarget(heads=2), "uniform", "vision")
+    for layer in range(4):
+        mine = [u for u in scores if u["layer"] == layer]
+        best = sorted(sorted(mine, key=lambda u: -u["logp_drop"])[:2], key=lambda u: u["index"])
+        assert keep.heads[layer] == [u["index"] for u in best]
+    # a unit scored in round 2 outranks any unit scored (and removed) in round 1
+    for u in scores:
+        u["round"] = 2 if u["index"] in (0, 3) else 1
+        u["score"] = 1.0 if u["round"] == 1 else -1.0
+    keep = plan_tower([4] * 4, [256] * 4, scores, TowerTarget(heads=2), "uniform", "vision")
+    assert all(keep.heads[layer] == [0, 3] for layer in range(4))
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_partial_plans_remove_whole_units_and_nest(model, allocation):
+    """progress < 1 removes that share of each target in whole units; plans of later steps (ranking
+    the units the earlier step removed last, as iterative scoring does) keep subsets of earlier ones."""
+    units = enumerate_units(model, neuron_groups=3)
+    scores = _scores(units, seed=2)
+    targets = {"vision": TowerTarget(layers=2, heads=1, mlp=0.25), "text": TowerTarget(mlp=0.25)}
+    previous = None
+    for step in (1, 2, 3):
+        keep = make_plan(model.spec, scores, targets, allocation, progress=step / 3)
+        layers, heads, mlp = _kept_counts(keep, model.spec)
+        assert len(layers) == 4 - step * 2 // 3
+        if step < 3:
+            assert sum(heads) >= len(layers) * (4 - 3 * step // 3)
+            for tower in ("vision", "text"):
+                t = getattr(keep, tower)
+                for u in scores:
+                    if u["tower"] == tower and u["kind"] == "neurons" and u["layer"] in t.mlp:
+                        kept = {n in set(t.mlp[u["layer"]]) for n in u["neurons"]}
+                        assert len(kept) == 1, "a partial plan never cuts a group"
+        else:
+            assert sum(heads) == 2 and sum(mlp) == 2 * 64
+        if previous is not None:
+            for tower in ("vision", "text"):
+                now, before = getattr(keep, tower), getattr(previous, tower)
+                assert set(now.layers) <= set(before.layers)
+                for layer in now.layers:
+                    assert set(now.mlp.get(layer, range(256))) <= set(before.mlp.get(layer, range(256)))
+                    assert set(now.heads.get(layer, range(4))) <= set(before.heads.get(layer, range(4)))
+        for u in scores:  # what this step removed ranks below everything it kept
+            t = getattr(keep, u["tower"])
+            gone = u["layer"] not in t.layers or (
+                u["kind"] == "head" and u["index"] not in t.heads.get(u["layer"], range(4))
+            )
+            gone = gone or (
+                u["kind"] == "neurons" and u["neurons"][0] not in t.mlp.get(u["layer"], range(256))
+            )
+            u["round"] = u.get("round", 1) if gone else step + 1
+        previous = keep

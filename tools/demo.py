@@ -1,12 +1,16 @@
 """The built-in demo, end to end on CPU (`make demo`):
 
-1. synthetic image-text shards + a labelled zero-shot set (tools/make_synthetic.py);
+1. synthetic image-text shards, a labelled zero-shot evaluation set and a separate MoPE proxy set
+   (tools/make_synthetic.py);
 2. a tiny teacher CLIP trained from scratch with the project's trainer (launch/train_clip.sh);
-3. MoPE compression with launch/pretrain.sh configs/demo.yaml (score, prune, distill, export);
-4. the same job with magnitude scores, same size, same distillation: the baseline;
-5. the MoPE run's last checkpoint converted with tools/convert_checkpoint.py;
-6. every model evaluated with tools/eval_zeroshot.py, and one table (params, GFLOPs, images/s,
-   zero-shot top-1) printed and written to ROOT/report.md, with ROOT/accuracy_vs_params.png.
+3. the teacher compressed to one size by every pruning criterion (MoPE one-shot and iterative,
+   magnitude, Taylor, random) over several seeds, each run `launch/pretrain.sh configs/demo.yaml`
+   (score, prune, distill, export), evaluated before and after the same distillation
+   (tools/compare_methods.py);
+4. the first MoPE run's last checkpoint converted with tools/convert_checkpoint.py and evaluated
+   with tools/eval_zeroshot.py;
+5. one report, ROOT/report.md: sizes (params, GFLOPs, images/s) and the comparison (mean +- std
+   over seeds), with its chart ROOT/compare/compare.png.
 
 Each step is skipped when its output exists, so an interrupted demo continues where it stopped.
 """
@@ -24,9 +28,10 @@ from pathlib import Path
 import torch
 
 from mope_dist.model import count_flops, count_params, load_model
-from mope_dist.utils import atomic_write_bytes, atomic_write_text
+from mope_dist.utils import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
+EVAL_FILES = (("data", ""), ("classnames", "/classnames.txt"), ("templates", "/templates.txt"))
 
 
 def run(cmd: list[str], env: dict, log_path: Path) -> None:
@@ -65,130 +70,75 @@ def evaluate(model_dir: Path, data: Path, out: Path, env: dict) -> dict:
     return json.loads(out.read_text())
 
 
-def write_chart(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        ax.scatter(row["params"] / 1e6, 100 * row["top1"], s=40)
-        ax.annotate(
-            row["name"],
-            (row["params"] / 1e6, 100 * row["top1"]),
-            fontsize=7,
-            xytext=(4, 4),
-            textcoords="offset points",
-        )
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("zero-shot top-1 (%)")
-    ax.set_title("demo: accuracy vs parameters")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path, buf.getvalue())
-    plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", default="runs/demo", help="where data, runs and the report go")
-    ap.add_argument("--train-samples", type=int, default=10000)
-    ap.add_argument("--teacher-steps", type=int, default=None, help="override configs/demo_teacher.yaml")
-    ap.add_argument("--distill-steps", type=int, default=None, help="override configs/demo.yaml")
-    ap.add_argument("--nproc", type=int, default=2, help="processes per launcher")
-    ap.add_argument("--master-port", type=int, default=29530)
-    ap.add_argument("overrides", nargs="*", help="extra section.key=value for both jobs")
-    args = ap.parse_args(argv)
-
-    root = Path(args.root)
-    data = root / "data"
+def launcher_env(nproc: int, master_port: int) -> dict:
+    """Environment for the launchers: CPU, offline, this interpreter, `nproc` processes."""
     env = dict(
         os.environ,
         DS_ACCELERATOR="cpu",
         HF_HUB_OFFLINE="1",
-        NPROC_PER_NODE=str(args.nproc),
-        MASTER_PORT=str(args.master_port),
+        NPROC_PER_NODE=str(nproc),
+        MASTER_PORT=str(master_port),
         PYTHON=sys.executable,
     )
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    paths = [f"data.train_shards={data}/train/{{000000..{max(0, args.train_samples // 1000 - 1):06d}}}.tar"]
-    for section in ("eval", "mope.proxy"):
-        paths += [
-            f"{section}.data={data}/val",
-            f"{section}.classnames={data}/val/classnames.txt",
-            f"{section}.templates={data}/val/templates.txt",
-        ]
-    common = paths[:1] + [p for p in paths if p.startswith("eval.")] + args.overrides
+    return env
 
-    if not (data / "train").exists():
-        run(
-            [
-                sys.executable,
-                "tools/make_synthetic.py",
-                str(data),
-                "--train-samples",
-                str(args.train_samples),
-                "--samples-per-shard",
-                "1000",
-            ],
-            env,
-            root / "logs" / "data.log",
-        )
+
+def main(argv: list[str] | None = None) -> None:
+    import compare_methods  # tools/compare_methods.py (which imports `run` from here)
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="runs/demo", help="where data, runs and the report go")
+    ap.add_argument("--train-samples", type=int, default=10000)
+    ap.add_argument("--teacher-steps", type=int, default=None, help="override configs/demo_teacher.yaml")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds of the comparison")
+    ap.add_argument(
+        "--distill-steps", type=int, default=40, help="distillation steps of every compressed run"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="scoring rounds of iterative MoPE")
+    ap.add_argument("--nproc", type=int, default=2, help="processes per launcher")
+    ap.add_argument("--master-port", type=int, default=29530)
+    ap.add_argument("overrides", nargs="*", help="extra section.key=value for every job")
+    args = ap.parse_args(argv)
+
+    root = Path(args.root)
+    data = root / "data"
+    env = launcher_env(args.nproc, args.master_port)
+    if not (data / "proxy").exists():  # also rewrites data of an older layout (no proxy split)
+        cmd = [sys.executable, "tools/make_synthetic.py", str(data), "--overwrite"]
+        run([*cmd, "--train-samples", str(args.train_samples)], env, root / "logs" / "data.log")
+    shards = f"data.train_shards={data}/train/{{000000..{max(0, args.train_samples // 1000 - 1):06d}}}.tar"
+    evaluation = [f"eval.{k}={data}/val{v}" for k, v in EVAL_FILES]
 
     teacher_dir = root / "teacher" / "final"
     if not teacher_dir.exists():
         steps = [] if args.teacher_steps is None else [f"distill.steps={args.teacher_steps}"]
-        run(
-            [
-                "bash",
-                "launch/train_clip.sh",
-                "configs/demo_teacher.yaml",
-                f"output.dir={root}/teacher",
-                *common,
-                *steps,
-            ],
-            env,
-            root / "logs" / "teacher.log",
-        )
+        cmd = ["bash", "launch/train_clip.sh", "configs/demo_teacher.yaml", f"output.dir={root}/teacher"]
+        run([*cmd, shards, *evaluation, *args.overrides, *steps], env, root / "logs" / "teacher.log")
 
-    steps = [] if args.distill_steps is None else [f"distill.steps={args.distill_steps}"]
-    job = [
-        "bash",
-        "launch/pretrain.sh",
-        "configs/demo.yaml",
-        f"teacher.name={teacher_dir}",
-        *paths,
-        *args.overrides,
-        *steps,
-    ]
-    for method in ("mope", "magnitude"):
-        if not (root / method / "final").exists():
-            run(
-                [*job, f"mope.method={method}", f"output.dir={root}/{method}"],
-                env,
-                root / "logs" / f"{method}.log",
-            )
+    compare_args = compare_methods.parse_args(
+        [
+            f"--teacher={teacher_dir}",
+            f"--data={data}",
+            f"--out={root}/compare",
+            f"--seeds={args.seeds}",
+            f"--steps={args.distill_steps}",
+            f"--rounds={args.rounds}",
+            f"--nproc={args.nproc}",
+            f"--master-port={args.master_port}",
+            "--",
+            *args.overrides,
+        ]
+    )
+    summary = compare_methods.compare(compare_args, env)
 
-    converted = root / "mope" / "converted"
+    first_mope = compare_methods.run_dir(compare_args, "mope", 0)
+    converted = root / "converted"
     if not converted.exists():
-        run(
-            [sys.executable, "tools/convert_checkpoint.py", str(root / "mope"), str(converted)],
-            env,
-            root / "logs" / "convert.log",
-        )
+        cmd = [sys.executable, "tools/convert_checkpoint.py", str(first_mope), str(converted)]
+        run(cmd, env, root / "logs" / "convert.log")
 
-    models = [
-        ("teacher", teacher_dir),
-        ("MoPE pruned, before distillation", root / "mope" / "pruned"),
-        ("MoPE pruned + distilled", converted),
-        ("magnitude pruned, before distillation", root / "magnitude" / "pruned"),
-        ("magnitude pruned + distilled", root / "magnitude" / "final"),
-    ]
+    models = [("teacher", teacher_dir), ("MoPE student, converted from its last checkpoint", converted)]
     rows = []
     for i, (name, model_dir) in enumerate(models):
         result = evaluate(model_dir, data / "val", root / "eval" / f"{i}.json", env)
@@ -222,12 +172,14 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"Zero-shot on {rows[0]['n']} synthetic images; chance is {100 * chance:.1f}%.",
             "",
+            "## Pruning criteria at this size",
+            "",
+            compare_methods.markdown(summary),
         ]
     )
     atomic_write_text(root / "report.md", report)
-    write_chart(rows, root / "accuracy_vs_params.png")
     print("\n" + report)
-    print(f"report: {root / 'report.md'}, chart: {root / 'accuracy_vs_params.png'}")
+    print(f"report: {root / 'report.md'}, chart: {root / 'compare' / 'compare.png'}")
 
 
 if __name__ == "__main__":

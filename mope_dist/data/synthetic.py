@@ -3,7 +3,9 @@ plain background) with varied captions, so the demo and the tests run offline an
 a few minutes on CPU learns something measurable (zero-shot accuracy over the colour-shape classes).
 
 Every sample is drawn from its own RNG seeded by (seed, index), so the output is byte-identical for a
-given seed and any shard can be regenerated alone.
+given seed and any shard can be regenerated alone. Sets written with different seeds hold different
+scenes: `write_demo_data` gives each split (training pairs, evaluation set, MoPE proxy set, and
+their retrieval counterparts) its own seed, so what chooses the pruning is never what measures it.
 """
 
 from __future__ import annotations
@@ -236,3 +238,44 @@ def write_retrieval_set(
             records.append((f"{i:09d}", {"jpg": image, "txt": "\n".join(texts).encode(), "json": meta}))
         names = _write_shards(tmp, records, samples_per_shard)
     return _shard_spec(out_dir, names)
+
+
+SPLIT_SEEDS = {"train": 0, "val": 1, "retrieval": 2, "proxy": 3, "retrieval_proxy": 4}  # added to `seed`
+
+
+def write_demo_data(
+    out_dir: str | os.PathLike,
+    train_samples: int = 10000,
+    samples_per_shard: int = 1000,
+    val_per_class: int = 20,
+    proxy_per_class: int = 10,
+    retrieval_images: int = 200,
+    retrieval_proxy_images: int = 100,
+    captions_per_image: int = 5,
+    image_size: int = 32,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, str]:
+    """Every split of the demo under out_dir, each from its own seed (SPLIT_SEEDS): train/ (image-text
+    shards), val/ (the zero-shot evaluation set, ImageFolder; val_shards/ the same as shards), proxy/
+    (the MoPE classification proxy, ImageFolder, disjoint from val/), retrieval/ (held-out pairs) and
+    retrieval_proxy/ (the MoPE retrieval proxy). Returns {split: path or shard spec}."""
+    out, common = Path(out_dir), dict(image_size=image_size, overwrite=overwrite)
+    seeds = {split: seed + offset for split, offset in SPLIT_SEEDS.items()}
+    paths = {
+        "train": write_image_text_shards(
+            out / "train", train_samples, samples_per_shard, seed=seeds["train"], **common
+        ),
+        "val": str(
+            write_labelled_set(
+                out / "val", val_per_class, seed=seeds["val"], shard_dir=out / "val_shards", **common
+            )
+        ),
+        "val_shards": str(out / "val_shards"),
+        "proxy": str(write_labelled_set(out / "proxy", proxy_per_class, seed=seeds["proxy"], **common)),
+    }
+    for split, n in (("retrieval", retrieval_images), ("retrieval_proxy", retrieval_proxy_images)):
+        paths[split] = write_retrieval_set(
+            out / split, n, captions_per_image, samples_per_shard=100, seed=seeds[split], **common
+        )
+    return paths

@@ -264,7 +264,11 @@ def export_metadata(
         files = sorted(p.name for p in export_dir.iterdir() if p.name.startswith(file))
         towers[key] = {"file": file, "files": files, **{k: v for k, v in signature.items() if k != "opset"}}
     logit_bias = None if model.logit_bias is None else model.logit_bias.item()
-    versions = {"mope_dist": importlib.metadata.version("mope-dist"), "torch": torch.__version__, "onnx": onnx.__version__}
+    versions = {
+        "mope_dist": importlib.metadata.version("mope-dist"),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+    }
     versions.update(onnxscript=importlib.metadata.version("onnxscript"), onnxruntime=ort.__version__)
     return {
         "format": "mope-dist-onnx",

@@ -3,10 +3,12 @@
 How it is cheap (compared with one full two-tower forward per candidate):
 - Only the tower a candidate lives in is recomputed; the other tower's features (classifier or
   image features, retrieval gallery) are computed once.
-- The stream entering layer l is computed once per micro-batch (embed + blocks 0..l-1, advanced
-  layer by layer) and only blocks l.. are rerun for the candidates of layer l.
-- `candidates_per_forward` candidates of one layer share a forward: the micro-batch is repeated
-  candidate-major and TowerMasks removes a different unit in each copy. bf16 autocast on GPU.
+- The stream entering layer l, and the unmasked pieces of block l, are computed once per micro-batch
+  (advanced layer by layer); a candidate of layer l is finished from those pieces (a head reruns
+  only the MLP half, a neuron group and a layer nothing), then runs the plain blocks after l, the
+  last one on the pooled token only (mope_dist.mope.forward).
+- `candidates_per_forward` candidates of one layer share a forward: their rows are stacked
+  candidate-major. bf16 autocast on GPU.
 
 How it is distributed (identical scores on every rank, for every world size):
 - Samples are cut into fixed-size micro-batches of the global order, dealt round-robin to ranks
@@ -16,8 +18,9 @@ How it is distributed (identical scores on every rank, for every world size):
   template; a retrieval gallery) is assembled by a sum all-reduce of a zero-filled buffer in which
   each rank wrote only its own rows, which is an exact gather (x + 0 == x). Candidates are processed
   in passes whose buffers fit `gather_bytes`; every rank runs the same passes, so collectives match.
-- Each rank counts only its own queries; ONE all-reduce of the integer count matrix
-  [1 + units, counts] gives exact totals, and Z is computed from the totals.
+- Each rank counts only its own queries; ONE all-reduce of the integer matrix [1 + units, counts +
+  fixed-point log-probability sums] gives exact totals, and Z and the mean log-probability (the
+  tie-breaker, see proxies.py) are computed from the totals.
 Retrieval therefore costs one feature gather per pass: each rank encodes only its share of the
 changed tower, every rank ranks its own queries against the full gallery.
 """
@@ -37,17 +40,21 @@ from tqdm import tqdm
 
 from mope_dist import dist
 from mope_dist.model.runtime import autocast_context, eval_mode, model_dtype
+from mope_dist.mope.forward import StagedForward
 from mope_dist.mope.proxies import (
+    RECALL_KS,
     ClassificationProxy,
     Proxy,
     RetrievalProxy,
-    count_correct,
+    classification_counts,
     local_batches,
-    recall_hits,
+    logp_from_sums,
+    retrieval_counts,
+    scale_of,
     z_from_counts,
 )
 from mope_dist.mope.report import ScoreResult
-from mope_dist.mope.units import Unit, candidate_masks, check_units, tower_of
+from mope_dist.mope.units import Unit, check_units, tower_of
 from mope_dist.utils import get_logger
 
 log = get_logger("mope")
@@ -69,7 +76,7 @@ def _to(inputs: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
 
 def _encode(tower, inputs: Tensor) -> Tensor:
     """Normalised fp32 features of one micro-batch, unmasked."""
-    return F.normalize(tower(inputs).float(), dim=-1)
+    return StagedForward(tower, inputs).features()
 
 
 def _gather_rows(buffer: Tensor) -> Tensor:
@@ -78,7 +85,8 @@ def _gather_rows(buffer: Tensor) -> Tensor:
 
 
 class _ClassificationScorer:
-    """Z = top-1 accuracy; the text stream is the classifier's prompts, micro-batched by whole classes."""
+    """Z = top-1 accuracy; the text stream is the classifier's prompts, micro-batched by whole classes.
+    Count columns: [correct, fixed-point sum of log p(label)]."""
 
     def __init__(self, proxy: ClassificationProxy, batch_size: int, rank: int, world: int, embed_dim: int):
         self.proxy, self.batch_size = proxy, batch_size
@@ -92,6 +100,7 @@ class _ClassificationScorer:
         }
 
     def base(self, model, device, dtype) -> Tensor:
+        self.scale = scale_of(model).to(device)
         classifier = torch.zeros(self.num_classes, self.embed_dim, device=device)
         for s, e in self.streams["text"].batches:
             feats = _encode(model.text, _to(self.streams["text"].inputs[s:e], device, dtype))
@@ -113,14 +122,16 @@ class _ClassificationScorer:
         return F.normalize(emb, dim=-1)
 
     def _counts(self, classifier: Tensor) -> Tensor:
-        """Correct counts [C, 1] of this rank's images against classifiers [C, K, D], a few
-        classifiers at a time so the [c, images, classes] logits stay small."""
-        total = torch.zeros(classifier.shape[0], dtype=torch.long, device=classifier.device)
+        """Counts [C, 2] of this rank's images against classifiers [C, K, D], a few classifiers at a
+        time so the [c, images, classes] logits stay small."""
+        total = torch.zeros(classifier.shape[0], 2, dtype=torch.long, device=classifier.device)
         step = max(1, _SIM_ELEMENTS // max(1, self.batch_size * self.num_classes))
         for c0 in range(0, classifier.shape[0], step):
             for feats, labels in zip(self.image_features, self.labels, strict=True):
-                total[c0 : c0 + step] += count_correct(feats[None], classifier[c0 : c0 + step], labels)
-        return total[:, None]
+                total[c0 : c0 + step] += classification_counts(
+                    feats[None], classifier[c0 : c0 + step], labels, self.scale
+                )
+        return total
 
     def gathered_rows(self, tower: str) -> int:
         return self.num_classes if tower == "text" else 0
@@ -129,7 +140,7 @@ class _ClassificationScorer:
         if tower == "text":
             self.buffer = torch.zeros(n, self.num_classes, self.embed_dim, device=device)
         else:
-            self.pass_counts = torch.zeros(n, 1, dtype=torch.long, device=device)
+            self.pass_counts = torch.zeros(n, 2, dtype=torch.long, device=device)
 
     def sink(self, tower: str, rows: slice, batch_index: int, batch: tuple[int, int], feats: Tensor) -> None:
         if tower == "text":
@@ -138,7 +149,9 @@ class _ClassificationScorer:
                 feats
             )
         else:
-            self.pass_counts[rows, 0] += count_correct(feats, self.classifier[None], self.labels[batch_index])
+            self.pass_counts[rows] += classification_counts(
+                feats, self.classifier[None], self.labels[batch_index], self.scale
+            )
 
     def end_pass(self, tower: str) -> Tensor:
         if tower == "text":
@@ -149,7 +162,9 @@ class _ClassificationScorer:
 
 
 class _RetrievalScorer:
-    """Z = mean of R@1/5/10 image->text and text->image; both galleries are gathered whole."""
+    """Z = mean of R@1/5/10 image->text and text->image; both galleries are gathered whole.
+    Count columns: hits at R@1/5/10 image->text, then text->image, then the fixed-point sums of the
+    positives' log-probabilities image->text and text->image."""
 
     def __init__(self, proxy: RetrievalProxy, batch_size: int, rank: int, world: int, embed_dim: int):
         self.proxy, self.embed_dim, self.batch_size = proxy, embed_dim, batch_size
@@ -161,6 +176,7 @@ class _RetrievalScorer:
         self.rows = {"vision": n_img, "text": n_txt}
 
     def base(self, model, device, dtype) -> Tensor:
+        self.scale = scale_of(model).to(device)
         self.t2i = self.proxy.text_to_image.to(device)
         self.base_features = {}
         for name in ("text", "vision"):
@@ -173,23 +189,26 @@ class _RetrievalScorer:
         return self._counts(self.base_features["vision"][None], self.base_features["text"][None])
 
     def _counts(self, images: Tensor, texts: Tensor) -> Tensor:
-        """Hits [C, 6] of this rank's queries; images [C|1, N_img, D], texts [C|1, N_txt, D].
+        """Counts [C, 8] of this rank's queries; images [C|1, N_img, D], texts [C|1, N_txt, D].
 
         Candidates are ranked a few at a time so the [c, queries, gallery] similarities stay small."""
-        c = max(images.shape[0], texts.shape[0])
-        hits = torch.zeros(c, 6, dtype=torch.long, device=images.device)
+        c, k = max(images.shape[0], texts.shape[0]), len(RECALL_KS)
+        hits = torch.zeros(c, 2 * k + 2, dtype=torch.long, device=images.device)
+        i2t, t2i = [*range(k), 2 * k], [*range(k, 2 * k), 2 * k + 1]
         step = max(1, _SIM_ELEMENTS // max(1, self.batch_size * max(images.shape[1], texts.shape[1])))
         for c0 in range(0, c, step):
             img = images[c0 : c0 + step] if images.shape[0] > 1 else images
             txt = texts[c0 : c0 + step] if texts.shape[0] > 1 else texts
             for s, e in self.streams["vision"].batches:
                 positives = self.t2i[None, :] == torch.arange(s, e, device=images.device)[:, None]
-                hits[c0 : c0 + step, :3] += recall_hits(img[:, s:e] @ txt.transpose(1, 2), positives)
+                sims = img[:, s:e] @ txt.transpose(1, 2)
+                hits[c0 : c0 + step, i2t] += retrieval_counts(sims, positives, self.scale)
             for s, e in self.streams["text"].batches:
                 positives = (
                     self.t2i[s:e, None] == torch.arange(images.shape[1], device=images.device)[None, :]
                 )
-                hits[c0 : c0 + step, 3:] += recall_hits(txt[:, s:e] @ img.transpose(1, 2), positives)
+                sims = txt[:, s:e] @ img.transpose(1, 2)
+                hits[c0 : c0 + step, t2i] += retrieval_counts(sims, positives, self.scale)
         return hits
 
     def gathered_rows(self, tower: str) -> int:
@@ -233,18 +252,14 @@ def _chunks(pass_units: list[tuple[int, Unit]], per_forward: int):
     ]
 
 
-def _pass_cost(chunks, n_layers: int, rows: int) -> int:
-    """Block-rows one micro-batch of `rows` rows costs in a pass (prefix + candidate forwards)."""
-    prefix = max((layer for layer, _ in chunks), default=0)
-    return rows * (prefix + sum(len(c) * (n_layers - layer) for layer, c in chunks))
-
-
-def _candidate_features(tower, x: Tensor, inputs: Tensor, layer: int, units: list[Unit], device) -> Tensor:
-    """Normalised features [C, n, D] of candidates (all in `layer`) from the stream x entering it."""
-    c, n = len(units), x.shape[0]
-    masks = candidate_masks(tower, units, device)
-    y = tower.run_blocks(x.repeat(c, 1, 1), layer, masks=masks, inputs=inputs)
-    return F.normalize(tower.head(y, inputs).float(), dim=-1).view(c, n, -1)
+def _pass_cost(chunks, n_layers: int, rows: int) -> float:
+    """About the block-rows one micro-batch of `rows` rows costs in a pass: the unmasked stream up to
+    the deepest layer, then per candidate the blocks after its layer (and a head's MLP half)."""
+    prefix = 1 + max((layer for layer, _ in chunks), default=0)
+    per_candidate = sum(
+        n_layers - 1 - layer + (2 / 3 if u.kind == "head" else 0) for layer, c in chunks for _, _, u in c
+    )
+    return rows * (prefix + per_candidate)
 
 
 def _estimate_seconds(model, plan, streams, device, dtype) -> float:
@@ -257,9 +272,9 @@ def _estimate_seconds(model, plan, streams, device, dtype) -> float:
             continue
         (layer, chunk), (s, e) = passes[0][1][0], stream.batches[0]
         t0 = _now(device)
-        inputs = _to(stream.inputs[s:e], device, dtype)
-        x = tower.run_blocks(tower.embed(inputs), 0, layer, inputs=inputs)
-        _candidate_features(tower, x, inputs, layer, [u for _, _, u in chunk], device)
+        StagedForward(tower, _to(stream.inputs[s:e], device, dtype)).candidate_features(
+            [u for *_, u in chunk]
+        )
         seconds = _now(device) - t0
         rate = seconds / _pass_cost([(layer, chunk)], len(tower.blocks), e - s)
         total += rate * sum(
@@ -279,7 +294,9 @@ def score_mope(
     gather_bytes: int = 1 << 30,
     progress: bool = True,
 ) -> ScoreResult:
-    """MoPE score of every unit: Z(model) - Z(model without the unit), identical on every rank.
+    """MoPE score of every unit: Z(model) - Z(model without the unit), identical on every rank, and
+    the same drop of the mean log-probability of the correct class / matching pair (`logp_drop`, the
+    tie-breaker).
 
     Every rank must call this with the same model, units and proxy tensors (the full proxy set; each
     rank encodes only its micro-batches). `batch_size` samples per micro-batch (classification
@@ -300,7 +317,8 @@ def score_mope(
     start = time.perf_counter()
 
     with eval_mode(model), torch.inference_mode(), autocast_context(device, autocast):
-        counts = torch.zeros(1 + len(units), proxy.num_counts, dtype=torch.long, device=device)
+        width = proxy.num_counts + proxy.num_logp
+        counts = torch.zeros(1 + len(units), width, dtype=torch.long, device=device)
         counts[0] = scorer.base(model, device, dtype)[0]
 
         plan = []  # per tower: passes (units whose gathered outputs fit in memory) and their forwards
@@ -335,12 +353,9 @@ def score_mope(
             for pass_units, chunks in passes:
                 scorer.start_pass(name, len(pass_units), device)
                 for b, (s, e) in enumerate(stream.batches):
-                    inputs = _to(stream.inputs[s:e], device, dtype)
-                    x, at = tower.embed(inputs), 0
-                    for layer, chunk in chunks:
-                        if layer > at:
-                            x, at = tower.run_blocks(x, at, layer, inputs=inputs), layer
-                        feats = _candidate_features(tower, x, inputs, layer, [u for _, _, u in chunk], device)
+                    forward = StagedForward(tower, _to(stream.inputs[s:e], device, dtype))
+                    for _, chunk in chunks:
+                        feats = forward.candidate_features([u for *_, u in chunk])
                         first = chunk[0][0]
                         scorer.sink(name, slice(first, first + len(chunk)), b, (s, e), feats)
                     bar.update(_pass_cost(chunks, len(tower.blocks), e - s))
@@ -349,13 +364,15 @@ def score_mope(
         dist.all_reduce_sum(counts)
 
     totals = proxy.totals().to(device)
-    z = z_from_counts(counts, totals).tolist()
-    counts = counts.cpu().tolist()
+    z = z_from_counts(counts[:, : proxy.num_counts], totals).tolist()
+    logp = logp_from_sums(counts[:, proxy.num_counts :], proxy.logp_totals().to(device)).tolist()
+    counts = counts[:, : proxy.num_counts].cpu().tolist()
     elapsed = time.perf_counter() - start
     if rank == 0 and progress:
         log.info(
-            "MoPE: base Z=%.4f; %d units scored in %s (%.1f units/s)",
+            "MoPE: base Z=%.4f (mean log-probability %.4f); %d units scored in %s (%.1f units/s)",
             z[0],
+            logp[0],
             len(units),
             _fmt_seconds(elapsed),
             len(units) / elapsed,
@@ -368,6 +385,9 @@ def score_mope(
         counts=counts[1:],
         base_z=z[0],
         base_counts=counts[0],
+        logp=logp[1:],
+        logp_drop=[logp[0] - lp for lp in logp[1:]],
+        base_logp=logp[0],
         meta={
             "proxy": proxy.kind,
             "totals": totals.tolist(),

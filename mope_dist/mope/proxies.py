@@ -4,6 +4,12 @@ Z is zero-shot top-1 accuracy on a labelled set (classification) or the mean of 
 directions on image-text pairs (retrieval). Counts (correct predictions, retrieval hits) add up
 exactly over shards; Z is computed from the summed counts only, so every rank and every world size
 sees the same number.
+
+Beside Z, the same logits give a continuous proxy, the mean log-probability (under the model's
+logit scale) of the correct class, or of the matching pair in each retrieval direction. Removing one
+module often changes no top-1 prediction, so Z ties; this value still moves and breaks the ties.
+Each sample's log-probability is rounded to a fixed point (LOGP_UNIT) and summed as an integer, so
+it too adds up exactly, in any order, over ranks.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from torch import Tensor
 
 RECALL_KS = (1, 5, 10)
+LOGP_UNIT = 2.0**-20  # fixed-point resolution of a per-sample log-probability (nats)
 
 
 @dataclass
@@ -43,8 +50,15 @@ class ClassificationProxy:
     def num_counts(self) -> int:
         return 1
 
+    @property
+    def num_logp(self) -> int:
+        return 1
+
     def totals(self) -> Tensor:
         return torch.tensor([self.labels.shape[0]], dtype=torch.long)
+
+    def logp_totals(self) -> Tensor:
+        return self.totals()
 
 
 @dataclass
@@ -69,12 +83,20 @@ class RetrievalProxy:
     def num_counts(self) -> int:
         return 2 * len(RECALL_KS)
 
+    @property
+    def num_logp(self) -> int:
+        return 2
+
     def totals(self) -> Tensor:
         """Queries per direction: images with at least one text (image->text), all texts (text->image)."""
+        n_i2t, n_t2i = self.logp_totals().tolist()
+        return torch.tensor([n_i2t] * len(RECALL_KS) + [n_t2i] * len(RECALL_KS), dtype=torch.long)
+
+    def logp_totals(self) -> Tensor:
+        """[image->text queries, text->image queries]."""
         with_text = torch.zeros(self.images.shape[0], dtype=torch.bool)
         with_text[self.text_to_image] = True
-        n_i2t, n_t2i = int(with_text.sum()), self.texts.shape[0]
-        return torch.tensor([n_i2t] * len(RECALL_KS) + [n_t2i] * len(RECALL_KS), dtype=torch.long)
+        return torch.tensor([int(with_text.sum()), self.texts.shape[0]], dtype=torch.long)
 
 
 Proxy = ClassificationProxy | RetrievalProxy
@@ -83,6 +105,21 @@ Proxy = ClassificationProxy | RetrievalProxy
 def z_from_counts(counts: Tensor, totals: Tensor) -> Tensor:
     """Z for each row of `counts` [..., num_counts]: accuracy, or mean recall over the six recalls."""
     return (counts.double() / totals.clamp(min=1).double()).mean(-1)
+
+
+def logp_from_sums(sums: Tensor, totals: Tensor) -> Tensor:
+    """Mean log-probability for each row of fixed-point sums [..., num_logp] (mean over directions)."""
+    return (sums.double() * LOGP_UNIT / totals.clamp(min=1).double()).mean(-1)
+
+
+def fixed_point(logp: Tensor) -> Tensor:
+    """Per-sample log-probabilities -> int64 multiples of LOGP_UNIT (exact, order-free sums)."""
+    return torch.round(logp.double() / LOGP_UNIT).long()
+
+
+def scale_of(model) -> Tensor:
+    """The logit scale the model's own contrastive softmax uses (clamped at 100, like its forward)."""
+    return model.logit_scale.detach().float().exp().clamp(max=100.0)
 
 
 def class_text_tokens(
@@ -103,19 +140,29 @@ def local_batches(n: int, batch_size: int, rank: int, world_size: int) -> list[t
     return [(s, min(s + batch_size, n)) for s in range(rank * batch_size, n, world_size * batch_size)]
 
 
-def count_correct(image_features: Tensor, classifier: Tensor, labels: Tensor) -> Tensor:
-    """Top-1 correct counts [C] for image features [C|1, n, D] against class embeddings [C|1, K, D]."""
+def classification_counts(
+    image_features: Tensor, classifier: Tensor, labels: Tensor, scale: Tensor
+) -> Tensor:
+    """[C, 2]: top-1 correct count and fixed-point sum of log p(label) for image features [C|1, n, D]
+    against class embeddings [C|1, K, D]."""
     logits = image_features.float() @ classifier.float().transpose(-1, -2)
-    return (logits.argmax(-1) == labels).sum(-1)
+    correct = (logits.argmax(-1) == labels).sum(-1)
+    logp = (scale * logits).log_softmax(-1).gather(-1, labels.expand(logits.shape[:-1])[..., None])
+    return torch.stack([correct, fixed_point(logp[..., 0]).sum(-1)], dim=-1)
 
 
-def recall_hits(sims: Tensor, positives: Tensor) -> Tensor:
-    """Hits at R@1/5/10 [C, 3] for similarities [C, n_queries, n_gallery] and a positive mask [n, G].
+def retrieval_counts(sims: Tensor, positives: Tensor, scale: Tensor) -> Tensor:
+    """[C, 4]: hits at R@1/5/10 and the fixed-point sum of log p(positives) for similarities
+    [C, n_queries, n_gallery] and a positive mask [n, G].
 
     A query's rank is the number of gallery items scoring strictly above its best positive (ties go
-    in the query's favour); it hits at K when that rank is < K. Queries without a positive never hit.
+    in the query's favour); it hits at K when that rank is < K. Its log-probability is that of all its
+    positives together under the softmax over the gallery. Queries without a positive count nothing.
     """
     best = sims.masked_fill(~positives, float("-inf")).amax(-1, keepdim=True)
     rank = (sims > best).sum(-1)
     valid = positives.any(-1)
-    return torch.stack([((rank < k) & valid).sum(-1) for k in RECALL_KS], dim=-1)
+    hits = [((rank < k) & valid).sum(-1) for k in RECALL_KS]
+    logp = (scale * sims.float()).log_softmax(-1).masked_fill(~positives, float("-inf")).logsumexp(-1)
+    logp = fixed_point(logp.masked_fill(~valid, 0.0)).sum(-1)
+    return torch.stack([*hits, logp], dim=-1)

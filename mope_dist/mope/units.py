@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from mope_dist.model import KeepSpec, TowerKeep
-from mope_dist.model.clip import TowerMasks
 
 TOWERS = ("vision", "text")
 KINDS = ("head", "neurons", "layer")
@@ -146,33 +145,3 @@ def keep_without(model, unit: Unit) -> KeepSpec:
         removed = set(unit.neurons)
         keep.mlp[unit.layer] = [i for i in range(block.mlp_dim) if i not in removed]
     return KeepSpec(**{unit.tower: keep})
-
-
-def candidate_masks(tower, units: Sequence[Unit], device: torch.device) -> TowerMasks:
-    """TowerMasks removing units[c] for candidate c (run the blocks from the lowest unit layer on).
-
-    Only the entries a candidate touches are built; the rest stay None (nothing masked there).
-    """
-    n_layers, c = len(tower.blocks), len(units)
-    heads: list[torch.Tensor | None] = [None] * n_layers
-    mlp: list[torch.Tensor | None] = [None] * n_layers
-    layer = None
-    for i, u in enumerate(units):
-        block = tower.blocks[u.layer]
-        if u.kind == "head":
-            if heads[u.layer] is None:
-                heads[u.layer] = torch.ones(c, block.num_heads)
-            heads[u.layer][i, u.index] = 0
-        elif u.kind == "neurons":
-            if mlp[u.layer] is None:
-                mlp[u.layer] = torch.ones(c, block.mlp_dim)
-            mlp[u.layer][i, list(u.neurons)] = 0
-        else:
-            if layer is None:
-                layer = torch.ones(c, n_layers)
-            layer[i, u.layer] = 0
-
-    def to(t):
-        return None if t is None else t.to(device)
-
-    return TowerMasks(head=[to(t) for t in heads], mlp=[to(t) for t in mlp], layer=to(layer))

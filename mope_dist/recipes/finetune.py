@@ -138,7 +138,15 @@ def compress(
         else:
             log.info("stage %d (%s): scoring %s of %s", stage.index, stage.name, stage.kinds, stage.towers)
             score_units(
-                cfg, model, preprocess, tokenizer, info.device, scores_path.parent, stage.kinds, stage.towers
+                cfg,
+                model,
+                preprocess,
+                tokenizer,
+                info.device,
+                scores_path.parent,
+                stage.kinds,
+                stage.towers,
+                targets=stage.targets,
             )
         provenance = {"task_teacher": teacher[0], "pruned_from": source[0], "stage": stage.name}
         prune_phase(cfg, model, scores_path, stage.dir, stage.targets, provenance, names=("before", "pruned"))

@@ -7,6 +7,7 @@ The scoring method comes from the registry in mope_dist.mope.methods.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from mope_dist import dist
@@ -17,6 +18,7 @@ from mope_dist.mope.methods import METHODS
 from mope_dist.mope.report import ScoreResult, read_scores, write_scores
 from mope_dist.mope.units import enumerate_units
 from mope_dist.prune.plan import make_plan
+from mope_dist.prune.rounds import score_in_rounds
 from mope_dist.recipes.builders import build_proxy
 from mope_dist.utils import atomic_write_json, get_logger
 
@@ -35,10 +37,19 @@ def check_targets(cfg: Config, spec) -> None:
 
 
 def score_units(
-    cfg: Config, model, preprocess, tokenizer, device, out_dir: Path, kinds=None, towers=None, tb_writer=None
+    cfg: Config,
+    model,
+    preprocess,
+    tokenizer,
+    device,
+    out_dir: Path,
+    kinds=None,
+    towers=None,
+    tb_writer=None,
+    targets: dict[str, TowerTarget] | None = None,
 ) -> ScoreResult:
-    """Score the units of `model` (`towers`/`kinds` default to cfg.mope's) with `cfg.mope.method`;
-    rank 0 writes scores.json and heatmaps."""
+    """Score the units of `model` (`towers`/`kinds` default to cfg.mope's) with `cfg.mope.method`, in
+    `cfg.mope.rounds` rounds towards `targets` (default cfg.prune's); rank 0 writes scores.json and heatmaps."""
     m = cfg.mope
     method = METHODS[m.method]
     units = enumerate_units(model, towers or m.towers, kinds or m.kinds, m.neuron_groups)
@@ -47,7 +58,9 @@ def score_units(
         proxy = build_proxy(m.proxy, preprocess, tokenizer)
         log.info("scoring %d units with %s on a %s proxy", len(units), m.method, m.proxy.kind)
         model = model.to(device)
-    result = method.score(model, units, proxy, device, m)
+    score = partial(method.score, proxy=proxy, device=device, section=m)
+    targets = targets or {"vision": cfg.prune.vision, "text": cfg.prune.text}
+    result = score_in_rounds(model, units, score, targets, cfg.prune.allocation, m.rounds)
     if dist.is_main():
         write_scores(result, out_dir, tb_writer=tb_writer)
     dist.barrier()
