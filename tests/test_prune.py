@@ -167,3 +167,22 @@ def test_partial_plans_remove_whole_units_and_nest(model, allocation):
             )
             u["round"] = u.get("round", 1) if gone else step + 1
         previous = keep
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_width_multiple_rounds_kept_mlp_widths_dropping_the_lowest_ranked(model, allocation):
+    units = enumerate_units(model, neuron_groups=8)  # groups of 32 neurons (MLP width 256)
+    scores = _scores(units, seed=3)
+    targets = {"vision": TowerTarget(mlp=0.3), "text": TowerTarget(mlp=0.3)}  # 76.8 -> 76 neurons a layer
+    exact = make_plan(model.spec, scores, targets, allocation)
+    rounded = make_plan(model.spec, scores, targets, allocation, width_multiple=64)
+    for tower in ("vision", "text"):
+        for layer, kept in getattr(rounded, tower).mlp.items():
+            assert len(kept) % 64 == 0 and len(kept) >= 64
+            before = set(getattr(exact, tower).mlp[layer])
+            assert before <= set(kept) or set(kept) <= before  # rounding adds or drops the lowest-ranked
+    vision_total = sum(len(k) for k in rounded.vision.mlp.values())
+    if allocation == "uniform":
+        assert vision_total == 4 * 64  # 76 per layer rounds to the nearest multiple, 64
+    student = slice_model(model, rounded)
+    assert all(d % 64 == 0 for d in student.spec.vision.mlp_dims + student.spec.text.mlp_dims)

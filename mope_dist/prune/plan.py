@@ -74,8 +74,12 @@ def plan_tower(
     allocation: str,
     tower: str,
     progress: float = 1.0,
+    width_multiple: int = 1,
 ) -> TowerKeep:
-    """Plan one tower; `heads`/`mlp_dims` are the current per-layer sizes, `scores` its unit records."""
+    """Plan one tower; `heads`/`mlp_dims` are the current per-layer sizes, `scores` its unit records.
+    `width_multiple`: kept MLP widths are multiples of it (or the full width), which tensor cores run
+    at full speed: each layer's planned width is rounded to the nearest multiple (at least one),
+    keeping or adding neurons in the layer's ranking order."""
     by_kind: dict[str, list[dict]] = defaultdict(list)
     for unit in scores:
         by_kind[unit["kind"]].append(unit)
@@ -106,6 +110,13 @@ def plan_tower(
         budget = {i: count(target.mlp, mlp_dims[i], f"prune.{tower}.mlp") for i in layers}
         chosen = _allocate(group_units, budget, allocation, lambda u: len(u["neurons"]), whole)
         kept = {i: sorted(n for u, take in chosen[i] for n in u["neurons"][:take]) for i in layers}
+        if width_multiple > 1:  # the chosen neurons are a best-first prefix of each layer's ranking
+            m = width_multiple
+            width = {i: min(mlp_dims[i], max(m, m * round(len(kept[i]) / m))) for i in layers}
+            order = {
+                i: [n for u in _ranked(group_units) if u["layer"] == i for n in u["neurons"]] for i in layers
+            }
+            kept = {i: sorted(order[i][: width[i]]) for i in layers}
         keep_mlp = {i: kept[i] for i in layers if len(kept[i]) < mlp_dims[i]}
     return TowerKeep(layers=layers, heads=keep_heads, mlp=keep_mlp)
 
@@ -176,6 +187,7 @@ def make_plan(
     targets: dict[str, TowerTarget],
     allocation: str = "uniform",
     progress: float = 1.0,
+    width_multiple: int = 1,
 ) -> KeepSpec:
     """Plan both towers of a model with spec `spec` (a CLIPSpec) from scores.json unit records;
     `progress` < 1 applies only that fraction of each target's removal (see the module docstring)."""
@@ -190,6 +202,7 @@ def make_plan(
             allocation,
             tower,
             progress,
+            width_multiple,
         )
     keep = KeepSpec(**towers)
     check_plan(keep, spec)

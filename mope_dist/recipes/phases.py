@@ -85,7 +85,13 @@ def prune_phase(
         try:
             result = read_scores(scores_path)
             targets = targets or {"vision": cfg.prune.vision, "text": cfg.prune.text}
-            keep = make_plan(model.spec, result.to_dict()["units"], targets, cfg.prune.allocation)
+            keep = make_plan(
+                model.spec,
+                result.to_dict()["units"],
+                targets,
+                cfg.prune.allocation,
+                width_multiple=cfg.prune.width_multiple,
+            )
         except ConfigError as e:
             error = str(e)
         else:
