@@ -44,7 +44,7 @@ step() {  # step NAME LIMIT_S COMMAND...
   local name=$1 limit=$2 start=$SECONDS
   shift 2
   echo "== $name (limit ${limit}s)"
-  timeout "$limit" "$@"
+  timeout -k 15 "$limit" "$@"
   echo "== $name: exit $? after $((SECONDS - start)) s"
 }
 
