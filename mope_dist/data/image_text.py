@@ -1,235 +1,149 @@
-"""Image-text training pipeline over webdataset tar shards, with equal batch counts on every rank.
+"""Image-text training loader: one webdataset pipeline per DataLoader worker, equal batch counts on every
+rank, and an exact, elastic data position.
 
-Collective ops hang when one rank runs out of batches, so the per-rank count is fixed up front from a
-known sample count (`samples_per_epoch`, or sizes.json / img2dataset `*_stats.json`):
-`num_batches = samples_per_epoch // (batch_size * world_size)`, split over the DataLoader workers
-(worker w yields `num_batches // W + (w < num_batches % W)`; they interleave round-robin). A worker whose
-shards run short wraps around and repeats them; one with more data stops early.
+Each worker runs `wds.DataPipeline(source stream, *stages, usable samples, wds.slice, wds.batched)`:
+- source streams (sources.py): webdataset's shard list, split by rank and worker (finite) or drawn with
+  replacement (resampled), read by our strict tar reader (`shards.tar_file_expander` + webdataset's
+  `group_by_keys`), shuffled by `wds.shuffle`;
+- `stages`: the user's own webdataset stages (filters, maps, decoders) on the raw samples, see README;
+- unusable samples (no image or caption, empty caption, undecodable image) dropped and counted per
+  reason in shared memory (samples.py), with unreadable and truncated shards, so `loader.skipped()` on
+  the rank sums all its workers;
+- the open_clip transform per sample, the tokenizer per batch.
 
-Modes:
-- "finite": each epoch the shard list is shuffled identically on every rank (seed + epoch), then split by
-  rank and by worker (needs at least world_size * workers shards). With balanced shards every sample is
-  seen once per epoch. Resuming mid-epoch (`start_step`) fast-forwards each worker past the samples the
-  interrupted run already consumed (decoding, not preprocessing them).
-- "resampled": every worker draws shards with replacement (weights from the spec's `@w`) from an RNG
-  seeded by (seed, rank, worker, epoch, start_step): ranks and workers see different streams, a run is
-  reproducible, and a resumed run (start_step > 0) draws new data instead of replaying the beginning.
+Equal batches: collective ops hang when one rank runs out of batches, so the per-rank count is fixed up
+front from a known sample count (`samples_per_epoch`, or sizes.json / img2dataset `*_stats.json`):
+`num_batches = samples_per_epoch // (batch_size * world_size)`, split over the workers in round-robin
+shares (`wds.slice`); a worker short of data repeats its shards, one with more stops early. In finite mode
+with balanced shards every sample is seen once per epoch.
 
-Bad input never stops training: samples without an image or caption, empty captions, undecodable images,
-truncated shards and unreadable shards (after retries) are skipped, logged and counted per reason in
-shared memory, so `loader.skipped()` on the rank sums all its workers (`sample_counts()` gives the used
-and skipped sample totals the trainer's `data.max_skip_rate` check needs). Only two situations stop
-the loader, with a JobError naming the cause: no shard at all can be read (a worker has tried every
-shard of the spec without getting a sample, or 64 shards in a row gave none), or 10,000 unusable
-samples in a row (wrong field names, an undecodable format).
+Position (position.py): every batch carries how far its worker read, so `state_dict()` says exactly
+where each worker is; `load_state_dict(states)` (every rank's state) continues the same sample sequence
+after any number of interruptions, without decoding what it skips, and remaps it onto another world size
+or worker count (the interrupted epoch is finished by redistributing its remaining samples).
+
+Only two situations stop the loader, with a JobError naming the cause: no shard at all can be read, or
+10,000 unusable samples in a row (wrong field names, an undecodable format).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import functools
 import itertools
+import json
 import multiprocessing as mp
 import os
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
-from PIL import Image
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mope_dist import dist
-from mope_dist.data.shards import (
-    ShardError,
-    check_protocols,
-    expand_shards,
-    is_local,
-    iter_shard_samples,
-    shard_sizes,
+from mope_dist.data import position
+from mope_dist.data.samples import (
+    SAMPLE_SKIP_REASONS,
+    SkipCounters,
+    caption_of,
+    decode_image,
+    image_of,
+    usable,
 )
-from mope_dist.errors import JobError
+from mope_dist.data.shards import check_protocols, expand_shards, is_local, shard_sizes
+from mope_dist.data.sources import ShardReader, SourceSpec
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-SAMPLE_SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "bad_image")
-SKIP_REASONS = (*SAMPLE_SKIP_REASONS, "truncated_shard", "unreadable_shard")
-_MAX_EMPTY_DRAWS = 64  # resampled: this many consecutive shards without a sample is an error
 _MAX_BAD_IN_A_ROW = 10_000  # this many consecutive unusable samples is an error, not an endless loop
+_PLAN_BYTES = 1 << 20
 
 
-class SkipCounters:
-    """Per-reason counts in shared memory, created before DataLoader workers start (fork or spawn)."""
+class _SharedPlan:
+    """The current plan as JSON in shared memory: persistent workers read it at each epoch start."""
 
-    def __init__(self, reasons: tuple[str, ...] = SKIP_REASONS):
-        self.reasons = reasons
-        self._counts = mp.Array("q", len(reasons))
+    def __init__(self):
+        self._data = mp.Array("c", _PLAN_BYTES, lock=False)
+        self._size = mp.Value("q", 0, lock=False)
 
-    def add(self, reason: str, n: int = 1) -> None:
-        with self._counts.get_lock():
-            self._counts[self.reasons.index(reason)] += n
+    def write(self, plan: dict) -> None:
+        data = json.dumps(plan).encode()
+        if len(data) > _PLAN_BYTES:
+            raise ValueError(f"data position of {len(data)} bytes exceeds {_PLAN_BYTES} (too many segments)")
+        self._data[: len(data)] = data
+        self._size.value = len(data)
 
-    def as_dict(self) -> dict[str, int]:
-        with self._counts.get_lock():
-            return dict(zip(self.reasons, self._counts[:], strict=True))
-
-
-def decode_image(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
+    def read(self) -> dict:
+        return json.loads(self._data[: self._size.value])
 
 
-def shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
-    """Streaming shuffle through a buffer of `bufsize` items (all items come out exactly once)."""
-    buf: list = []
-    for item in items:
-        if len(buf) < bufsize:
-            buf.append(item)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
+class _WorkerStream(IterableDataset):
+    """What one DataLoader worker yields in the current plan: (images, tokens, logical worker, raw
+    position after the batch)."""
 
-
-def _seed(*parts) -> random.Random:
-    """An RNG seeded from a tuple, identical across processes and Python hash seeds."""
-    return random.Random("/".join(map(str, parts)))
-
-
-def worker_share(total: int, worker: int, num_workers: int) -> int:
-    return total // num_workers + (1 if worker < total % num_workers else 0)
-
-
-class _ImageTextStream(IterableDataset):
-    """The per-worker stream; the epoch and start step live in shared memory so persistent workers see
-    `set_epoch` without being restarted."""
-
-    def __init__(self, loader: ImageTextLoader):
-        self.p = loader._params
-        self.counters = loader._counters
-        self.state = loader._state
-        self.dead: set[str] = set()  # shards this worker could not open (after retries): not tried again
-
-    def _read(self, urls, max_empty: int | None) -> Iterator[dict]:
-        """Samples of `urls` in order; a shard that fails is skipped (counted, logged). With `max_empty`,
-        stop with a JobError once that many shards in a row, or every shard of the spec, gave nothing."""
-        empty, failed, ever = 0, set(), False
-        every = {u for urls, _ in self.p["sources"] for u in urls}
-        for url in urls:
-            if url in self.dead:
-                if self.dead >= every:
-                    raise self._none_readable(len(every), url)
-                continue
-            got = 0
-            try:
-                for sample in iter_shard_samples(url, self.p["retries"], self.p["retry_delay"]):
-                    got += 1
-                    yield sample
-            except ShardError as exc:
-                self.counters.add(exc.reason)
-                failed.add(url)
-                attempts = ""
-                if exc.reason == "unreadable_shard":
-                    self.dead.add(url)
-                    attempts = f" after {self.p['retries']} attempts (not retried again by this worker)"
-                log.error("skipping shard%s: %s", attempts, exc)
-            ever = ever or got > 0
-            empty = 0 if got else empty + 1
-            if max_empty is None:
-                continue
-            if not ever and failed >= every:
-                raise self._none_readable(len(every), url)
-            if empty >= max_empty:
-                raise JobError(
-                    f"{empty} shards in a row gave no samples (last: {url}); check data.train_shards"
-                )
-
-    def _none_readable(self, n: int, last: str) -> JobError:
-        return JobError(
-            f"no shard of the {n} in the spec can be read (each tried {self.p['retries']} times; last: "
-            f"{last}); check data.train_shards and access to it"
-        )
-
-    def _raw_samples(self, worker: int, num_workers: int, epoch: int, start_step: int) -> Iterator[dict]:
-        p = self.p
-        rank, world = p["rank"], p["world_size"]
-        if p["mode"] == "finite":
-            urls = [u for urls, _ in p["sources"] for u in urls]
-            _seed(p["seed"], epoch).shuffle(urls)
-            mine = urls[rank::world][worker::num_workers]
-            rng = _seed(p["seed"], epoch, rank, worker, "samples")
-            for _ in itertools.count():  # wrap around: repeat the worker's shards until its quota is met
-                got = 0
-                for sample in shuffled(self._read(mine, None), p["shuffle_buffer"], rng):
-                    got += 1
-                    yield sample
-                if not got:
-                    break
-            log.error(
-                "rank %d worker %d: no readable sample in its %d shards (first %s); drawing from all shards",
-                rank,
-                worker,
-                len(mine),
-                mine[0],
-            )
-        urls = [u for urls, _ in p["sources"] for u in urls]
-        cum_weights = list(itertools.accumulate(w for urls, w in p["sources"] for _ in urls))
-        rng = _seed(p["seed"], rank, worker, epoch, start_step, p["mode"])
-        draws = (rng.choices(urls, cum_weights=cum_weights)[0] for _ in itertools.count())
-        yield from shuffled(self._read(draws, _MAX_EMPTY_DRAWS), p["shuffle_buffer"], rng)
-
-    def _prepare(self, sample: dict, transform: bool = True, count: bool = True):
-        """(image tensor or None, caption) for a usable sample, else None (counted by reason)."""
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        reason = None
-        if ext is None:
-            reason = "missing_image"
-        elif "txt" not in sample:
-            reason = "missing_caption"
-        else:
-            text = sample["txt"].decode("utf-8", errors="replace").strip()
-            if not text:
-                reason = "empty_caption"
-            else:
-                try:
-                    img = decode_image(sample[ext])
-                    return (self.p["preprocess"](img) if transform else None), text
-                except Exception as exc:  # any decoder or transform failure is a bad sample
-                    reason = "bad_image"
-                    log.debug("bad image %s in %s: %s", sample["__key__"], sample["__url__"], exc)
-        if count:
-            self.counters.add(reason)
-        return None
+    def __init__(self, loader: ImageTextLoader, preprocess, tokenizer, stages, retries, retry_delay):
+        self.spec, self.plan, self.counters = loader._spec, loader._shared_plan, loader._counters
+        self.batch_size = loader.batch_size
+        self.preprocess, self.tokenizer, self.stages = preprocess, tokenizer, list(stages)
+        self.retries, self.retry_delay = retries, retry_delay
+        self.reader: ShardReader | None = None  # made in the worker; keeps its dead shards across epochs
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, start_step = self.state[0], self.state[1]
-        p = self.p
-        bs = p["batch_size"]
-        # this worker's share of the epoch minus its share of the batches consumed before a resume (the
-        # DataLoader takes batches from workers round-robin)
-        done = worker_share(start_step, worker, num_workers)
-        quota = worker_share(p["num_batches"], worker, num_workers) - done
-        if quota <= 0:
-            return
-        samples = self._raw_samples(worker, num_workers, epoch, start_step)
-        fast_forward = done * bs if p["mode"] == "finite" else 0  # samples the interrupted run consumed
-        for _ in range(fast_forward):
-            self._next_usable(samples, transform=False, count=False)
-        for _ in range(quota):
-            items = [self._next_usable(samples) for _ in range(bs)]
-            yield torch.stack([image for image, _ in items]), p["tokenizer"]([text for _, text in items])
+        plan = self.plan.read()
+        if len(plan["streams"]) != num_workers:
+            raise RuntimeError(f"plan for {len(plan['streams'])} workers run by {num_workers} (bug)")
+        logical = (plan["first"] + worker) % num_workers
+        stream = plan["streams"][logical]
+        if stream["batches"] <= 0:
+            return iter(())
+        if self.reader is None:
+            self.reader = ShardReader(set(self.spec.urls), self.counters, self.retries, self.retry_delay)
+        return iter(
+            wds.DataPipeline(
+                lambda: self._samples(plan["epoch"], stream["segments"]),
+                *self.stages,
+                functools.partial(
+                    usable, convert=self._convert, counters=self.counters, max_in_a_row=_MAX_BAD_IN_A_ROW
+                ),
+                wds.slice(stream["batches"] * self.batch_size),  # before batching: no sample read ahead
+                wds.batched(
+                    self.batch_size, collation_fn=functools.partial(self._collate, logical), partial=False
+                ),
+            )
+        )
 
-    def _next_usable(self, samples: Iterator[dict], **kw):
-        for _ in range(_MAX_BAD_IN_A_ROW):
-            item = self._prepare(next(samples), **kw)
-            if item is not None:
-                return item
-        raise JobError(
-            f"{_MAX_BAD_IN_A_ROW} unusable samples in a row (skipped so far: {self.counters.as_dict()}); "
-            "check the shards' image/caption fields and decoders"
+    def _samples(self, epoch: int, segments: list[list]) -> Iterator[dict]:
+        """The raw samples of the worker's segments, each tagged with its position `__index__`."""
+        index = 0
+        for k, (world, rank, workers, worker, start, stop) in enumerate(segments):
+            with contextlib.closing(
+                self.spec.stream(epoch, (world, rank, workers, worker), start, self.reader)
+            ) as s:
+                part = s if k == len(segments) - 1 else itertools.islice(s, stop - start)
+                for sample in part:
+                    sample["__index__"] = index
+                    index += 1
+                    yield sample
+
+    def _convert(self, sample: dict):
+        image, text = image_of(sample), caption_of(sample)
+        return self.preprocess(decode_image(image)), text, sample.get("__index__")
+
+    def _collate(self, logical: int, items: list):
+        end = items[-1][2]
+        if end is None:
+            raise RuntimeError(
+                "a data stage dropped the samples' '__index__' key (their position): a stage must return "
+                "the sample dict with its '__' keys"
+            )
+        return (
+            torch.stack([image for image, _, _ in items]),
+            self.tokenizer([t for _, t, _ in items]),
+            logical,
+            end + 1,
         )
 
 
@@ -238,9 +152,14 @@ class ImageTextLoader:
 
     `shards` is a shard spec (see mope_dist.data.shards). `preprocess` maps a PIL RGB image to a tensor
     (open_clip's transform); `tokenizer` maps a list of captions to a token tensor (open_clip's tokenizer
-    with the model's context length). rank/world_size default to the current process group.
-    Iterating advances the epoch; call `set_epoch(epoch, start_step)` to resume, where `start_step` is
-    the number of batches of that epoch already consumed (the epoch then yields the remaining ones).
+    with the model's context length). rank/world_size default to the current process group. `stages`:
+    webdataset stages run in each worker on the shuffled raw samples (dicts of bytes by extension) before
+    decoding; they must keep the samples' order and their '__' keys (e.g. `wds.select`, `wds.map`,
+    `wds.decode`; not a shuffle).
+
+    Iterating yields the rest of the current epoch and advances it. Position: `state_dict()` (this rank),
+    `load_state_dict(states)` (every rank's state of the saved run, in rank order), or
+    `set_epoch(epoch, start_step)`, exact as long as the skipped batches held no unusable sample.
     """
 
     def __init__(
@@ -262,13 +181,16 @@ class ImageTextLoader:
         retries: int = 3,
         retry_delay: float = 1.0,
         prefetch_factor: int = 2,
+        stages: Sequence[Callable] = (),
     ):
         if mode not in ("finite", "resampled"):
             raise ValueError(f"mode must be 'finite' or 'resampled', got {mode!r}")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
-        rank = dist.get_rank() if rank is None else rank
-        world_size = dist.get_world_size() if world_size is None else world_size
+        self.rank = dist.get_rank() if rank is None else rank
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+        self.workers = max(1, num_workers)
+        self.batch_size = batch_size
         sources = expand_shards(shards)
         urls = [u for urls, _ in sources for u in urls]
         check_protocols(urls)
@@ -278,14 +200,15 @@ class ImageTextLoader:
         if mode == "finite":
             if any(w != 1.0 for _, w in sources):
                 raise ValueError("source weights (@w) need mode='resampled'")
-            needed = world_size * max(1, num_workers)
+            needed = self.world_size * self.workers
             if len(urls) < needed:
                 raise ValueError(
-                    f"finite mode needs at least world_size x workers = {world_size} x {max(1, num_workers)} = "
+                    f"finite mode needs at least world_size x workers = {self.world_size} x {self.workers} = "
                     f"{needed} shards, got {len(urls)}: use fewer workers, more shards or mode='resampled'"
                 )
+        # per-shard stats files are one request each: only looked up when needed or cheap
+        sizes = shard_sizes(urls, per_shard_stats=samples_per_epoch is None or len(local) == len(urls))
         if samples_per_epoch is None:
-            sizes = shard_sizes(urls)
             unknown = [u for u, s in zip(urls, sizes, strict=True) if s is None]
             if unknown:
                 raise ValueError(
@@ -294,35 +217,20 @@ class ImageTextLoader:
                     "beside the shards"
                 )
             samples_per_epoch = sum(sizes)
-        self.batch_size = batch_size
-        self.world_size = world_size
-        self.num_batches = samples_per_epoch // (batch_size * world_size)
+        self.num_batches = samples_per_epoch // (batch_size * self.world_size)
         if self.num_batches == 0:
             raise ValueError(
                 f"{samples_per_epoch} samples per epoch are fewer than one global batch "
-                f"({batch_size} x {world_size} ranks)"
+                f"({batch_size} x {self.world_size} ranks)"
             )
-        self.num_samples = self.num_batches * batch_size * world_size  # per epoch, all ranks
-        self._params = dict(
-            sources=sources,
-            preprocess=preprocess,
-            tokenizer=tokenizer,
-            batch_size=batch_size,
-            mode=mode,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            num_batches=self.num_batches,
-            shuffle_buffer=shuffle_buffer,
-            retries=retries,
-            retry_delay=retry_delay,
-        )
+        self.num_samples = self.num_batches * batch_size * self.world_size  # per epoch, all ranks
+        self._spec = SourceSpec(sources, sizes, mode, seed, shuffle_buffer)
         self._counters = SkipCounters()
         self._used = 0  # samples yielded to the caller (main process) since creation
-        self._state = mp.Array("q", 2, lock=False)  # epoch, start_step: read by workers at each epoch
+        self._shared_plan = _SharedPlan()
         self.set_epoch(epoch, start_step)
         self._loader = DataLoader(
-            _ImageTextStream(self),
+            _WorkerStream(self, preprocess, tokenizer, stages, retries, retry_delay),
             batch_size=None,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
@@ -330,27 +238,102 @@ class ImageTextLoader:
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
 
+    # ---- position -------------------------------------------------------------------------------------
+
+    def _start(self, plan: dict) -> None:
+        self._plan = plan
+        self._consumed = [0] * len(plan["streams"])  # raw samples read by each logical worker for its batches
+        self._taken = [0] * len(plan["streams"])  # batches taken from each logical worker
+
     @property
     def epoch(self) -> int:
-        return self._state[0]
+        return self._plan["epoch"]
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Start `epoch` after its first `start_step` batches (assumed free of unusable samples)."""
         if not 0 <= start_step < self.num_batches:
             raise ValueError(f"start_step must be in [0, {self.num_batches}), got {start_step}")
-        self._state[0], self._state[1] = epoch, start_step
+        plan = position.epoch_plan(epoch, self.rank, self.world_size, self.workers, self.num_batches)
+        done = [position.share(start_step, w, self.workers) for w in range(self.workers)]
+        self._start(position.advance(plan, [n * self.batch_size for n in done], done))
+
+    def _identity(self) -> dict:
+        spec = self._spec
+        return {"version": position.VERSION, "mode": spec.mode, "seed": spec.seed, "shards": len(spec.urls)}
+
+    def state_dict(self) -> dict:
+        """This rank's data position (small, JSON-able): store every rank's in the checkpoint."""
+        plan = position.advance(self._plan, self._consumed, self._taken)
+        return {
+            **self._identity(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            **plan,
+        }
+
+    def load_state_dict(self, states: list[dict] | dict) -> None:
+        """Continue from the saved position: `states` is every rank's `state_dict()` of the saved run, in
+        rank order. Another world size, worker count or batch size remaps the rest of the interrupted
+        epoch (position.remap); the log says so."""
+        states = [states] if isinstance(states, dict) else list(states)
+        ours = self._identity()
+        for i, st in enumerate(states):
+            theirs = {k: st.get(k) for k in ours}
+            if theirs != ours or st.get("rank") != i or st.get("epoch") != states[0].get("epoch"):
+                raise ValueError(
+                    f"saved data position of rank {st.get('rank')} ({theirs}, epoch {st.get('epoch')}) does "
+                    f"not fit this loader ({ours}) or the other ranks' positions"
+                )
+        same = (len(states), len(states[0]["streams"]), states[0]["batch_size"]) == (
+            self.world_size,
+            self.workers,
+            self.batch_size,
+        )
+        if same:
+            self._start({k: states[self.rank][k] for k in ("epoch", "first", "streams")})
+            return
+        plan, total, left_out = position.remap(
+            states, self.rank, self.world_size, self.workers, self.batch_size
+        )
+        log.info(
+            "data position saved on %d ranks x %d workers (batch %d) resumes on %d x %d (batch %d): the %d "
+            "samples left in epoch %d are redistributed, %d batches per rank; %d left out (less than one "
+            "batch per rank)",
+            len(states),
+            len(states[0]["streams"]),
+            states[0]["batch_size"],
+            self.world_size,
+            self.workers,
+            self.batch_size,
+            total,
+            plan["epoch"],
+            sum(s["batches"] for s in plan["streams"]),
+            left_out,
+        )
+        self._start(plan)
+
+    # ---- iteration ------------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        remaining = self.num_batches - self._state[1]
+        self._start(position.advance(self._plan, self._consumed, self._taken))
+        plan = self._plan
+        self._shared_plan.write(plan)
+        workers = len(plan["streams"])
         it = iter(self._loader)
-        for _ in range(remaining):
+        for k in range(sum(s["batches"] for s in plan["streams"])):
             batch = next(it, None)
             if batch is None:
                 raise RuntimeError("data loader workers stopped before the epoch's batch count (bug)")
-            self._used += len(batch[0])
-            yield batch
+            images, tokens, logical, end = batch
+            if logical != (plan["first"] + k) % workers:
+                raise RuntimeError(f"batch {k} came from worker {logical}, not in round-robin order (bug)")
+            self._consumed[logical], self._taken[logical] = end, self._taken[logical] + 1
+            self._used += len(images)
+            yield images, tokens
         self.set_epoch(self.epoch + 1)
 
     def skipped(self) -> dict[str, int]:

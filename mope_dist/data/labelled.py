@@ -13,6 +13,7 @@ an ImageFolder needs only a directory listing, so prefer it for large sets.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -20,18 +21,17 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from mope_dist import dist
-from mope_dist.data.image_text import IMAGE_EXTS, SkipCounters, decode_image
-from mope_dist.data.shards import ShardError, check_protocols, expand_shards, iter_shard_samples
+from mope_dist.data.samples import SkipCounters, decode_image, image_of, label_of, read_shards, usable
+from mope_dist.data.shards import check_protocols, expand_shards
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
-
-LABELLED_SKIP_REASONS = ("missing_image", "missing_label", "bad_image", "truncated_shard", "unreadable_shard")
 
 
 def _read_lines(path: str | os.PathLike, what: str) -> list[str]:
@@ -104,7 +104,8 @@ class _FolderPart(Dataset):
 
 
 class _ShardPart(IterableDataset):
-    """This rank's samples of a shard set: workers split the needed shards and keep only wanted keys."""
+    """This rank's samples of a shard set: a webdataset pipeline over the shards holding them, split by
+    worker, keeping only the wanted keys."""
 
     def __init__(
         self, wanted: dict[str, dict[str, int]], preprocess: Callable, counters: SkipCounters, retries, delay
@@ -112,25 +113,25 @@ class _ShardPart(IterableDataset):
         self.wanted, self.preprocess, self.counters = wanted, preprocess, counters
         self.retries, self.delay = retries, delay
 
+    def _convert(self, sample: dict):
+        return self.preprocess(decode_image(image_of(sample))), self.wanted[sample["__url__"]][
+            sample["__key__"]
+        ]
+
     def __iter__(self):
-        info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for url in list(self.wanted)[worker::num_workers]:
-            keys = self.wanted[url]
-            try:
-                for sample in iter_shard_samples(url, self.retries, self.delay):
-                    label = keys.get(sample["__key__"])
-                    if label is None:
-                        continue
-                    ext = next(e for e in IMAGE_EXTS if e in sample)
-                    try:
-                        yield self.preprocess(decode_image(sample[ext])), label
-                    except Exception as exc:  # undecodable image: skip and count
-                        self.counters.add("bad_image")
-                        log.warning("skipping bad image %s in %s: %s", sample["__key__"], url, exc)
-            except ShardError as exc:
-                self.counters.add(exc.reason)
-                log.error("labelled set: %s", exc)
+        if not self.wanted:
+            return iter(())
+        return iter(
+            wds.DataPipeline(
+                wds.SimpleShardList(list(self.wanted)),
+                wds.split_by_worker,
+                lambda shards: read_shards(
+                    (s["url"] for s in shards), self.counters, self.retries, self.delay
+                ),
+                wds.select(lambda sample: sample["__key__"] in self.wanted[sample["__url__"]]),
+                functools.partial(usable, convert=self._convert, counters=self.counters),
+            )
+        )
 
 
 def _collate(batch: list):
@@ -162,25 +163,14 @@ class LabelledLoader:
 
 
 def _index_shards(source, counters: SkipCounters, retries: int, delay: float) -> list[tuple[str, str, int]]:
-    entries = []
     urls = [u for urls, _ in expand_shards(source) for u in urls]
     check_protocols(urls)
-    for url in urls:
-        try:
-            for sample in iter_shard_samples(url, retries, delay):
-                if not any(e in sample for e in IMAGE_EXTS):
-                    counters.add("missing_image")
-                    continue
-                try:
-                    label = int(sample["cls"].decode().strip())
-                except (KeyError, ValueError, UnicodeDecodeError):
-                    counters.add("missing_label")
-                    continue
-                entries.append((url, sample["__key__"], label))
-        except ShardError as exc:
-            counters.add(exc.reason)
-            log.error("labelled set: %s", exc)
-    return entries
+
+    def entry(sample: dict) -> tuple[str, str, int]:
+        image_of(sample)  # present; decoded only in the second pass, on the rank that uses it
+        return sample["__url__"], sample["__key__"], label_of(sample)
+
+    return list(usable(read_shards(urls, counters, retries, delay), entry, counters))
 
 
 def make_labelled_loader(
@@ -203,7 +193,7 @@ def make_labelled_loader(
     """
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
-    counters = SkipCounters(LABELLED_SKIP_REASONS)
+    counters = SkipCounters()
     folder = (
         isinstance(source, str | os.PathLike)
         and Path(source).is_dir()

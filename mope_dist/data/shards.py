@@ -17,24 +17,24 @@ shard* of that source, so with all weights 1 every shard is equally likely. fssp
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import re
-import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import fsspec
+import webdataset as wds
 from braceexpand import braceexpand
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys
 
 from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.data")
 
 _WEIGHT_RE = re.compile(r"^(.*)@(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)$")
-_KEY_RE = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key/extension split
 
 
 def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[tuple[list[str], float]]:
@@ -82,43 +82,11 @@ def check_protocols(urls: Sequence[str]) -> None:
             raise ValueError(f"cannot open {protocol}:// shards: {exc}") from exc
 
 
-class _PipeStream(io.RawIOBase):
-    """stdout of a `pipe:` command as a binary stream; a non-zero exit status surfaces as OSError.
-    The command's stderr goes to ours (a captured one could fill up and block, e.g. curl's progress)."""
-
-    def __init__(self, command: str):
-        self.command = command
-        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        n = self.proc.stdout.readinto(buffer)
-        if n == 0:
-            self._check()
-        return n
-
-    def _check(self) -> None:
-        rc = self.proc.wait()
-        if rc != 0:
-            raise OSError(f"pipe command exited with status {rc}: {self.command!r}")
-
-    def close(self) -> None:
-        if not self.closed:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            self.proc.stdout.close()
-        super().close()
-
-
 def open_shard(url: str):
-    """Open a shard for sequential binary reading."""
-    if url.startswith("pipe:"):
-        return io.BufferedReader(_PipeStream(url[len("pipe:") :]), buffer_size=1 << 16)
-    if is_local(url):
-        return open(url, "rb", buffering=1 << 16)  # noqa: SIM115 - closed by the caller
+    """Open a shard for sequential binary reading: local paths and `pipe:` through webdataset's `gopen`
+    (a pipe whose command exits non-zero raises OSError), any other URL through fsspec (s3, gs, memory...)."""
+    if url.startswith("pipe:") or is_local(url):
+        return wds.gopen(url, "rb")
     return fsspec.open(url, "rb").open()
 
 
@@ -190,6 +158,21 @@ def iter_tar_files(stream) -> Iterator[tuple[str, bytes]]:
                 yield name.decode("utf-8", "surrogateescape"), data
 
 
+def tar_file_expander(data: Iterable[dict], handler: Callable[[Exception], bool] = reraise_exception):
+    """Drop-in for `webdataset.tariterators.tar_file_expander` on our strict reader: for each {'url',
+    'stream'} yields {'fname', 'data', '__url__'} per regular file and `{}` at the shard's end. A damaged
+    shard also yields `{}` first, so `group_by_keys` lets out the last complete sample before the damage."""
+    for source in data:
+        try:
+            for name, payload in iter_tar_files(source["stream"]):
+                yield {"fname": name, "data": payload, "__url__": source["url"]}
+            yield {}
+        except Exception as exc:
+            yield {}
+            if not handler(exc):
+                break
+
+
 class ShardError(Exception):
     """A shard could not be read: `reason` is 'unreadable_shard' or 'truncated_shard'."""
 
@@ -198,39 +181,32 @@ class ShardError(Exception):
         self.reason = reason
 
 
+def _keep_first_duplicate(exc: Exception) -> bool:
+    """group_by_keys handler: a file repeated within one sample is logged and dropped, the shard goes on."""
+    log.warning("%s", exc)
+    return True
+
+
 def iter_shard_samples(url: str, retries: int = 3, retry_delay: float = 1.0) -> Iterator[dict]:
     """Yield the samples of one tar shard as dicts {'__key__', '__url__', ext: bytes}.
 
-    Members are grouped by key (webdataset convention: key = name up to the first dot of the basename,
-    extension lower-cased). Opening is retried `retries` times; a shard that fails before its first
-    member raises ShardError('unreadable_shard'), one that fails later (truncated, broken pipe)
+    webdataset's `group_by_keys` over our `tar_file_expander` (key = name up to the first dot of the
+    basename, extension lower-cased). Opening is retried `retries` times; a shard that fails before its
+    first sample raises ShardError('unreadable_shard'), one that fails later (truncated, broken pipe)
     ShardError('truncated_shard') after the complete samples before the damage were yielded.
     """
     for attempt in range(retries):
-        current: dict | None = None
         started = False
         try:
             with open_shard(url) as raw:
                 stream = gzip.GzipFile(fileobj=raw) if url.endswith((".gz", ".tgz")) else raw
-                for name, data in iter_tar_files(stream):
+                files = tar_file_expander([{"url": url, "stream": stream}])
+                for sample in group_by_keys(files, handler=_keep_first_duplicate):
                     started = True
-                    match = _KEY_RE.match(name)
-                    if not match:
-                        continue
-                    key, ext = match.group(1), match.group(2).lower()
-                    if current is not None and current["__key__"] != key:
-                        yield current
-                        current = None
-                    if current is None:
-                        current = {"__key__": key, "__url__": url}
-                    current[ext] = data
-            if current is not None:
-                yield current
+                    yield sample
             return
         except Exception as exc:  # any I/O, tar or pipe failure: skip the shard, never crash
             if started:
-                if current is not None:
-                    yield current
                 raise ShardError("truncated_shard", url, exc) from exc
             if attempt + 1 == retries:
                 raise ShardError("unreadable_shard", url, exc) from exc
@@ -246,9 +222,10 @@ def _read_json(url: str):
         return None
 
 
-def shard_sizes(urls: Sequence[str]) -> list[int | None]:
+def shard_sizes(urls: Sequence[str], per_shard_stats: bool = True) -> list[int | None]:
     """Sample count of each shard, from `sizes.json` beside it ({basename: count}, open_clip's
-    convention) or img2dataset's per-shard `<stem>_stats.json` ('successes'); None where unknown."""
+    convention) or (with `per_shard_stats`) img2dataset's per-shard `<stem>_stats.json` ('successes');
+    None where unknown."""
     sizes_by_dir: dict[str, dict | None] = {}
     out: list[int | None] = []
     for url in urls:
@@ -262,6 +239,9 @@ def shard_sizes(urls: Sequence[str]) -> list[int | None]:
         sizes = sizes_by_dir[base]
         if sizes is not None and name in sizes:
             out.append(int(sizes[name]))
+            continue
+        if not per_shard_stats:
+            out.append(None)
             continue
         stats = _read_json(re.sub(r"\.tar(\.\w+)?$", "", url) + "_stats.json")
         out.append(int(stats["successes"]) if isinstance(stats, dict) and "successes" in stats else None)

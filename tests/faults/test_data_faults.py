@@ -14,7 +14,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from faults.conftest import write_samples
 from mope_dist import dist
-from mope_dist.data import ImageTextLoader
+from mope_dist.data import SKIP_REASONS, ImageTextLoader
 from mope_dist.errors import JobError
 
 
@@ -63,7 +63,7 @@ def test_corrupt_truncated_and_missing_parts_are_skipped_and_counted(tmp_path, l
     assert len(got) == 12  # full batches of good samples only
     assert set(got) == {0, 3, 4, 5, 6, 7, 100, 101, 102}
     assert loader.skipped() == {
-        "missing_image": 0,
+        **dict.fromkeys(SKIP_REASONS, 0),
         "missing_caption": 2,  # a.tar read twice
         "empty_caption": 0,
         "bad_image": 2,
