@@ -50,9 +50,9 @@ from mope_dist.data.samples import (
     image_of,
     usable,
 )
-from mope_dist.data.shards import check_protocols, expand_shards, is_local, shard_sizes
+from mope_dist.data.shards import check_protocols, expand_shards, shard_sizes
 from mope_dist.data.sources import ShardReader, SourceSpec
-from mope_dist.utils import get_logger
+from mope_dist.utils import get_logger, is_local_path
 
 log = get_logger("mope_dist.data")
 
@@ -194,7 +194,7 @@ class ImageTextLoader:
         sources = expand_shards(shards)
         urls = [u for urls, _ in sources for u in urls]
         check_protocols(urls)
-        local = [u for u in urls if is_local(u)]
+        local = [u for u in urls if is_local_path(u)]
         if local and len(local) == len(urls) and not any(os.path.exists(u) for u in local):
             raise FileNotFoundError(f"no shard of {shards!r} exists (first: {urls[0]})")
         if mode == "finite":

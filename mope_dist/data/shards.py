@@ -30,7 +30,7 @@ from braceexpand import braceexpand
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys
 
-from mope_dist.utils import get_logger
+from mope_dist.utils import get_logger, is_local_path
 
 log = get_logger("mope_dist.data")
 
@@ -54,7 +54,7 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
                 raise ValueError(f"shard weight must be > 0, got {weight} in {spec!r}")
             urls = []
             for url in braceexpand(part):
-                if is_local(url) and os.path.isdir(url):
+                if is_local_path(url) and os.path.isdir(url):
                     found = sorted(str(p) for p in Path(url).glob("*.tar"))
                     if not found:
                         raise ValueError(f"directory {url!r} in shard spec holds no *.tar files")
@@ -67,14 +67,10 @@ def expand_shards(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list
     return sources
 
 
-def is_local(url: str) -> bool:
-    return not url.startswith("pipe:") and "://" not in url
-
-
 def check_protocols(urls: Sequence[str]) -> None:
     """Fail early and clearly when an fsspec backend (s3fs, gcsfs, ...) is missing, instead of once per shard."""
     for protocol in sorted(
-        {u.split("://", 1)[0] for u in urls if not is_local(u) and not u.startswith("pipe:")}
+        {u.split("://", 1)[0] for u in urls if not is_local_path(u) and not u.startswith("pipe:")}
     ):
         try:
             fsspec.get_filesystem_class(protocol)
@@ -85,7 +81,7 @@ def check_protocols(urls: Sequence[str]) -> None:
 def open_shard(url: str):
     """Open a shard for sequential binary reading: local paths and `pipe:` through webdataset's `gopen`
     (a pipe whose command exits non-zero raises OSError), any other URL through fsspec (s3, gs, memory...)."""
-    if url.startswith("pipe:") or is_local(url):
+    if url.startswith("pipe:") or is_local_path(url):
         return wds.gopen(url, "rb")
     return fsspec.open(url, "rb").open()
 

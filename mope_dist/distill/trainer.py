@@ -67,6 +67,9 @@ class TrainState:
     samples_seen: int = 0  # over all ranks, applied steps only
     skipped_steps: int = 0  # non-finite loss or gradients
     consecutive_skips: int = 0
+    # every rank's loader position (`loader.state_dict()`), gathered at each save: exact resume, also
+    # on another number of ranks or workers (the loader remaps it). None for loaders without one.
+    data: list[dict] | None = None
 
 
 @dataclass
@@ -112,7 +115,7 @@ def train(
     try:
         if evaluate is not None and run.teacher is not None and state.step == 0:
             _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
-        stream = LoaderStream(loader, state.epoch, state.batch_in_epoch)
+        stream = LoaderStream(loader, state)
         batches = iter(DevicePrefetcher(stream, run.device, normalize, run.input_dtype))
         while state.step < cfg.steps:
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
@@ -176,6 +179,7 @@ class _Run:
     own_clip: bool  # ZeRO-0 fp32: the loop clips and checks gradients itself
     ckpt: CheckpointManager | None = None
     metrics: MetricsLog | None = None  # rank 0 only
+    data_position: dict | None = None  # this rank's loader position after the last consumed batch
 
     @property
     def input_dtype(self) -> torch.dtype:
@@ -238,20 +242,26 @@ def _resume(run: _Run) -> TrainState:
 
 class LoaderStream:
     """The loader as one stream of batches from a data position on, across epochs. Each batch comes
-    with the position after it, which the step that consumes it records: a stream that reads ahead
-    (a device prefetcher) then does not move the checkpointed position."""
+    with the position after it (epoch, batch index, and the loader's own `state_dict()` where it has
+    one), which the step that consumes it records: a stream that reads ahead (a device prefetcher)
+    then does not move the checkpointed position."""
 
-    def __init__(self, loader, epoch: int, batch_in_epoch: int):
-        if batch_in_epoch >= len(loader):  # a checkpoint taken exactly at an epoch boundary
-            epoch, batch_in_epoch = epoch + 1, 0
-        self.loader, self.epoch, self.index = loader, epoch, batch_in_epoch
-        loader.set_epoch(epoch, batch_in_epoch)
+    def __init__(self, loader, state: TrainState):
+        epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
+        self.loader, self.exact = loader, hasattr(loader, "state_dict")
+        if self.exact and state.data:
+            loader.load_state_dict(state.data)
+        else:
+            if batch_in_epoch >= len(loader):  # a checkpoint taken exactly at an epoch boundary
+                epoch, batch_in_epoch = epoch + 1, 0
+            loader.set_epoch(epoch, batch_in_epoch)
+        self.epoch, self.index = epoch, batch_in_epoch
         self.batches = iter(loader)
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, dict | None]]:
         batch = next(self.batches, None)
         while batch is None:  # epoch finished: the loader restarts at the next one
             self.epoch, self.index = self.epoch + 1, 0
@@ -260,7 +270,7 @@ class LoaderStream:
             batch = next(self.batches, None)
         self.index += 1
         images, texts = batch
-        return images, texts, (self.epoch, self.index)
+        return images, texts, (self.epoch, self.index, self.loader.state_dict() if self.exact else None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +292,7 @@ def _step(run: _Run, batches: Iterator, state: TrainState, window: MetricWindow)
     sums, own_skip, grad_norm = {}, False, None
     for micro in range(1, run.cfg.grad_accum + 1):
         t = time.perf_counter()
-        images, texts, (state.epoch, state.batch_in_epoch) = next(batches)
+        images, texts, (state.epoch, state.batch_in_epoch, run.data_position) = next(batches)
         window.data_wait += time.perf_counter() - t
         if images.shape[0] != run.micro_batch_size:
             raise ValueError(
@@ -370,6 +380,8 @@ def _evaluate(run: _Run, evaluate, model, step: int, prefix: str, label: str) ->
 
 def _save(run: _Run, state: TrainState) -> None:
     """Checkpoint (every rank), then queue the log files for the mirror. Collective."""
+    if run.data_position is not None:
+        state.data = dist.all_gather_object(run.data_position)
     run.ckpt.save(run.engine, state.step, {"train_state": asdict(state)})
     dist.note_progress(checkpoint=str(run.ckpt.dir / step_tag(state.step)))
     if run.ckpt.mirror is not None:
