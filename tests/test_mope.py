@@ -229,7 +229,10 @@ def _score_saved(out_dir: Path) -> dict:
     ret = RetrievalProxy(t["r_images"], t["r_texts"], t["t2i"])
     units = enumerate_units(model, neuron_groups=GROUPS)
     kw = dict(batch_size=4, candidates_per_forward=4, gather_bytes=30000, progress=False)
-    return {name: score_mope(model, units, p, **kw).to_dict() for name, p in (("cls", cls), ("ret", ret))}
+    out = {name: score_mope(model, units, p, **kw).to_dict() for name, p in (("cls", cls), ("ret", ret))}
+    # Taylor with batches so large that rank 1 holds no query and no prompt: it still all-reduces alike
+    out["taylor"] = score_taylor(model, units, cls, batch_size=32).scores
+    return out
 
 
 def test_two_ranks_equal_one(model, tmp_path):
@@ -253,6 +256,9 @@ def test_two_ranks_equal_one(model, tmp_path):
             for key in ("score", "logp", "logp_drop"):
                 assert [u[key] for u in got[name]["units"]] == [u[key] for u in one[name]["units"]]
             assert got[name]["base_logp"] == one[name]["base_logp"]
+        torch.testing.assert_close(
+            torch.tensor(got["taylor"]), torch.tensor(one["taylor"]), rtol=1e-5, atol=0
+        )
 
 
 def _worker(out_dir: Path):

@@ -124,9 +124,10 @@ class _WorkerStream(IterableDataset):
             ) as s:
                 part = s if k == len(segments) - 1 else itertools.islice(s, stop - start)
                 for sample in part:
-                    sample["__index__"] = index
                     index += 1
-                    yield sample
+                    if "__missing__" not in sample:  # a sample missing from a damaged shard: counted there
+                        sample["__index__"] = index - 1
+                        yield sample
 
     def _convert(self, sample: dict):
         image, text = image_of(sample), caption_of(sample)

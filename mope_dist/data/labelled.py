@@ -114,9 +114,8 @@ class _ShardPart(IterableDataset):
         self.retries, self.delay = retries, delay
 
     def _convert(self, sample: dict):
-        return self.preprocess(decode_image(image_of(sample))), self.wanted[sample["__url__"]][
-            sample["__key__"]
-        ]
+        label = self.wanted[sample["__url__"]][sample["__key__"]]
+        return self.preprocess(decode_image(image_of(sample))), label
 
     def __iter__(self):
         if not self.wanted:

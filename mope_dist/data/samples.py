@@ -127,12 +127,9 @@ def usable(
     """`convert(sample)` for each sample; samples it rejects (Unusable: that reason; any other exception,
     e.g. from the image decoder or transform: 'bad_image') are dropped and counted. With `max_in_a_row`,
     that many unusable samples in a row is a JobError (wrong field names, an undecodable format), not an
-    endless loop. Placeholders of samples missing from a damaged shard (`__missing__`) are dropped
-    uncounted: their shard was counted."""
+    endless loop."""
     bad = 0
     for sample in samples:
-        if "__missing__" in sample:
-            continue
         try:
             item = convert(sample)
         except Exception as exc:  # any decoder or transform failure is a bad sample

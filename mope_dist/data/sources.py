@@ -51,9 +51,8 @@ class ShardReader:
         self.dead: set[str] = set()
         self.oversized: set[str] = set()
         self.empty_draws = 0
-        self.samples = self.opened = (
-            0  # samples read, shards opened (or found dead): tell a pass gave nothing
-        )
+        self.samples = 0  # samples read and shards opened (or found dead): they tell a pass that gave nothing
+        self.opened = 0
 
     def __call__(self, url: str, size: int | None, drawn: bool = False) -> Iterator[dict]:
         got = 0

@@ -146,6 +146,10 @@ def _proxy_loss(
     return loss / 2
 
 
+def _grad(t: Tensor) -> Tensor:
+    return t.grad if t.grad is not None else torch.zeros_like(t)
+
+
 def score_taylor(
     model,
     units: Sequence[Unit],
@@ -176,22 +180,23 @@ def score_taylor(
             leaves = [f.clone().requires_grad_(True) for f in feats]
             scale = model.logit_scale.detach().clamp(max=math.log(100)).exp()
             loss = _proxy_loss(proxy, leaves[0], leaves[1], scale, rank, world, batch_size)
-            loss.backward()
-            grads = dist.all_reduce_sum(torch.cat([leaf.grad.flatten() for leaf in leaves]))
+            if loss.requires_grad:  # a rank may hold no queries
+                loss.backward()
+            grads = dist.all_reduce_sum(torch.cat([_grad(leaf).flatten() for leaf in leaves]))
             grads = grads.split([leaf.numel() for leaf in leaves])
             for stream, g, leaf in zip(streams, grads, leaves, strict=True):
                 _backprop_features(stream, device, dtype, g.view_as(leaf))
-            with_grad = [p for p in params if p.grad is not None]
-            flat = dist.all_reduce_sum(torch.cat([p.grad.flatten().float() for p in with_grad]))
-            for p, g in zip(with_grad, flat.split([p.numel() for p in with_grad]), strict=True):
+            # every parameter takes part (zeros where this rank's batches never reached it), so
+            # every rank all-reduces the same buffer
+            flat = dist.all_reduce_sum(torch.cat([_grad(p).flatten().float() for p in params]))
+            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
                 p.grad = g.view_as(p).to(p.dtype)
             with torch.no_grad():
-                saliency = {id(p): (p.grad.float() * p.detach().float()).abs() for p in with_grad}
-
-                def get(p):
-                    return saliency[id(p)] if id(p) in saliency else torch.zeros_like(p, dtype=torch.float32)
-
-                scores = [float(sum(t.sum() for t in unit_tensors(model, u, get))) for u in units]
+                saliency = {id(p): (p.grad.float() * p.detach().float()).abs() for p in params}
+                scores = [
+                    float(sum(t.sum() for t in unit_tensors(model, u, lambda p: saliency[id(p)])))
+                    for u in units
+                ]
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.grad = None
