@@ -26,6 +26,7 @@ launcher kills a rank 30 s after forwarding a SIGTERM to it, whatever `grace_s` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
@@ -43,6 +44,13 @@ log = get_logger("mope_dist.distill")
 REPEAT_WINDOW_S = 5.0
 
 
+@functools.cache
+def _flag_group():
+    """The gloo group the SIGTERM flags are summed on: made once per process (collectively, by the
+    first training), so that trainings run one after another do not pile up process groups."""
+    return tdist.new_group(backend="gloo")
+
+
 class Preemption:
     """Armed from construction (collective: every rank, at the same point) until `close()`."""
 
@@ -58,7 +66,7 @@ class Preemption:
         if grace_s <= 0:
             return
         if dist.get_world_size() > 1:
-            self._group = tdist.new_group(backend="gloo")
+            self._group = _flag_group()
         try:
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         except ValueError:  # not the main thread: SIGTERM keeps exiting at once
