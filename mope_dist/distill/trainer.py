@@ -18,7 +18,9 @@
   (images, tokens) batches; optional `loader.skipped() -> {reason: count}` (summed over ranks into
   data/skipped/<reason>; each rank also logs its own counts when they grow) and
   `loader.sample_counts() -> {"used", "skipped"}`: when the skipped fraction of all samples read (all
-  ranks, since start) passes `max_skip_rate` at a log step, training stops with a JobError.
+  ranks, since start) passes `max_skip_rate` at a log step, training stops with a JobError;
+  optional `loader.state_dict()` / `load_state_dict(every rank's)`: the exact data position, gathered
+  into each checkpoint and restored (remapped by the loader on another number of ranks or workers).
 - Non-finite loss or gradients (any rank): the optimizer step is skipped (a non-finite loss makes
   non-finite gradients; DeepSpeed's overflow check catches them under ZeRO 1-3, bf16 and fp16, our own
   gradient-norm check under ZeRO-0 fp32), so the loop never waits on the GPU for a per-batch loss
@@ -250,7 +252,8 @@ class LoaderStream:
         epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
         self.loader, self.exact = loader, hasattr(loader, "state_dict")
         if self.exact and state.data:
-            loader.load_state_dict(state.data)
+            loader.load_state_dict(state.data)  # remapped there if the layout changed
+            epoch = loader.epoch
         else:
             if batch_in_epoch >= len(loader):  # a checkpoint taken exactly at an epoch boundary
                 epoch, batch_in_epoch = epoch + 1, 0
