@@ -290,7 +290,9 @@ def main() -> None:
     p.add_argument(
         "--loader-batches", type=int, default=None, help="timed loader-alone batches (3 x workers)"
     )
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "amp_bf16"], default=None, help="default: bf16 on GPU"
+    )
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--master-port", type=int, default=29517)

@@ -161,18 +161,21 @@ def _settings(opts, steps: int, batch: int, zero_stage: int | None = None):
     from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
 
     losses = LossWeights(contrastive=1.0, kd=1.0, kd_temperature=2.0, embed=100.0, hidden=1.0)
-    cfg = DistillConfig(steps=2 * steps, lr=1e-4, warmup_steps=2, log_every=steps, losses=losses)
+    compile_ = {"auto": None, "on": True, "off": False}[opts.compile]
+    cfg = DistillConfig(
+        steps=2 * steps, lr=1e-4, warmup_steps=2, log_every=steps, losses=losses, compile=compile_
+    )
     zero = opts.zero if zero_stage is None else zero_stage
     return cfg, DeepSpeedConfig(zero_stage=zero, precision=opts.precision), batch
 
 
 def _autocast(opts, device):
-    """The plain loops' counterpart of DeepSpeed bf16: fp32 weights, bf16 autocast."""
+    """The plain loops' counterpart of DeepSpeed bf16 / amp_bf16: fp32 weights, bf16 autocast."""
     import contextlib
 
     import torch
 
-    if opts.precision == "bf16":
+    if opts.precision in ("bf16", "amp_bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -268,7 +271,7 @@ def part_openclip(info, opts, out: Path) -> dict:
     scheduler = cosine_lr(optimizer, 1e-4, 2, 2 * opts.steps * opts.rounds)
     loss = ClipLoss(cache_labels=True, rank=info.rank, world_size=info.world_size)
     oc_args = SimpleNamespace(
-        device=str(info.device), precision="amp_bf16" if opts.precision == "bf16" else "fp32", distill=False,
+        device=str(info.device), precision="fp32" if opts.precision == "fp32" else "amp_bf16", distill=False,
         accum_freq=1, skip_scheduler=False, horovod=False, grad_clip_norm=1.0, log_every_n_steps=10**9,
         batch_size=opts.batch, world_size=info.world_size, rank=info.rank, local_rank=info.local_rank,
         wandb=False,
@@ -364,7 +367,7 @@ def launch(opts, part: str, out: Path, stage: int = 0) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(opts.nproc)]
     cmd += [__file__, "--worker", "--part", part, "--out", str(out), "--stage", str(stage)]
     cmd += ["--steps", str(opts.steps), "--batch", str(opts.batch), "--zero", str(opts.zero)]
-    cmd += ["--precision", opts.precision, "--rounds", str(opts.rounds)]
+    cmd += ["--precision", opts.precision, "--rounds", str(opts.rounds), "--compile", opts.compile]
     cmd += ["--memory-model", opts.memory_model, "--memory-batch", str(opts.memory_batch)]
     cmd += ["--model", opts.model] if opts.model else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
@@ -382,7 +385,13 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds per side; the best is reported")
     p.add_argument("--batch", type=int, default=32, help="per-rank batch")
     p.add_argument("--zero", type=int, default=0, help="ZeRO stage of the trainer in the throughput parts")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "amp_bf16"])
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="trainer's distill.compile (auto: on GPU)",
+    )
     p.add_argument(
         "--model", default=None, help="open_clip model name for the throughput parts (random weights)"
     )
@@ -403,7 +412,7 @@ def main() -> None:
     parts = opts.parts.split(",")
     print(
         f"bench_train: {opts.nproc} processes, batch {opts.batch}/rank, {opts.steps} timed steps, "
-        f"model {opts.model or 'built-in mid-size CLIP'}, {opts.precision}, out {out}"
+        f"model {opts.model or 'built-in mid-size CLIP'}, {opts.precision}, compile {opts.compile}, out {out}"
     )
     for part, baseline, goal in (("distill", "plain DDP loop", 0.9), ("openclip", "open_clip_train", 1.0)):
         if part in parts:

@@ -1,14 +1,16 @@
 """Where the training step waits for the GPU: host syncs inside train(), by call site (CUDA only).
 
-    python bench/sync_check.py [--steps 8] [--zero 1] [--precision bf16]
+    python bench/sync_check.py [--steps 8] [--zero 1] [--precision bf16] [--compile off]
 
 Runs train() (distillation, all four losses) on bench_train.py's mid-size CLIP pair with in-memory
 batches under `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that blocks the
 host on the device (.item(), .tolist(), non-pinned copies to the host, ...). Each warning is attributed
 to the innermost frame in mope_dist, deepspeed or torch.nn; a call site counted about once per step is
 a sync in every step, which keeps the host from queueing the next step's work while the GPU is busy.
-Counting runs from the loop's start to the last step's end (the trainer's `dist.note_progress(step=)`
-calls), so engine set-up and the final log, checkpoint and export are left out.
+Counting runs from the end of the first step to the end of the last (the trainer's
+`dist.note_progress(step=)` calls), so engine set-up, the first step's one-off work (torch.compile's
+compilation, which under the debug mode's per-warning stack walks took longer than a minute) and the
+final log, checkpoint and export are left out.
 """
 
 from __future__ import annotations
@@ -43,8 +45,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--zero", type=int, default=1)
-    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "amp_bf16"])
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="distill.compile")
     opts = p.parse_args()
+    if opts.steps < 2:
+        p.error("--steps must be >= 2 (the first step is not counted)")
 
     import torch
 
@@ -67,10 +72,10 @@ def main() -> None:
 
     note_progress = dist.note_progress
 
-    def progress(**fields):  # the loop starts at step 0 and has finished its work at the last step
+    def progress(**fields):  # counted: steps 2..steps
         note_progress(**fields)
-        if fields.get("step") in (0, opts.steps):
-            torch.cuda.set_sync_debug_mode("warn" if fields["step"] == 0 else "default")
+        if fields.get("step") in (1, opts.steps):
+            torch.cuda.set_sync_debug_mode("warn" if fields["step"] == 1 else "default")
 
     dist.note_progress = progress
     warnings.showwarning = record
@@ -87,12 +92,14 @@ def main() -> None:
             dist_info=info,
             max_skip_rate=1.0,
         )
+    counted = opts.steps - 1
     print(
-        f"host syncs in train() over {opts.steps} steps ({opts.precision}, ZeRO-{opts.zero}), by call site:"
+        f"host syncs in train() over steps 2..{opts.steps} ({opts.precision}, ZeRO-{opts.zero}, "
+        f"compile {opts.compile}), by call site:"
     )
     for site, n in sites.most_common(25):
-        print(f"  {n:5d}  ({n / opts.steps:4.1f}/step)  {site}")
-    print(f"total {sum(sites.values())} ({sum(sites.values()) / opts.steps:.1f} per step)")
+        print(f"  {n:5d}  ({n / counted:4.1f}/step)  {site}")
+    print(f"total {sum(sites.values())} ({sum(sites.values()) / counted:.1f} per step)")
 
 
 if __name__ == "__main__":

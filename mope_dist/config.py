@@ -157,9 +157,11 @@ class DistillConfig:
 @dataclass
 class DeepSpeedConfig:
     zero_stage: Literal[0, 1, 2, 3] = 1
-    # The student's working precision (bf16/fp16 keep fp32 master weights in the optimizer); the
-    # frozen teacher runs in bf16 on GPU, fp32 on CPU.
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    # The student's working precision. bf16/fp16: DeepSpeed's mixed-precision optimizers (bf16/fp16
+    # weights, fp32 master copy in the optimizer). amp_bf16: fp32 weights, forward under DeepSpeed's
+    # torch autocast to bf16 (as open_clip's --precision amp_bf16; ZeRO reduces the gradients of
+    # Linear/Conv weights in bf16). The frozen teacher runs in bf16 on GPU, fp32 on CPU.
+    precision: Literal["fp32", "bf16", "fp16", "amp_bf16"] = "bf16"
     # Extra keys merged into the generated DeepSpeed config dict (e.g. offload settings).
     extra: dict[str, Any] = field(default_factory=dict)
 

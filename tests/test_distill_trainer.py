@@ -101,6 +101,9 @@ def fingerprint(model):
         return float(sum(p.detach().float().double().sum() for p in model.parameters()))
 
 
+STAGES = ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16"), (0, "amp_bf16"), (1, "amp_bf16"))
+
+
 def suite_stages(out: Path, info, record):
     """ZeRO 0-3: steps, checkpoints (keep 1), export == DeepSpeed's converter, eval sees full weights."""
     import torch
@@ -117,10 +120,15 @@ def suite_stages(out: Path, info, record):
         images, texts = probe_images.to(p.device, p.dtype), probe_texts.to(p.device)
         return {"probe": model.encode_image(images).sum().item() + model.encode_text(texts).sum().item()}
 
-    for stage, precision in ((0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "fp32"), (3, "bf16")):
+    for stage, precision in STAGES:
         name = f"zero{stage}_{precision}"
         student, teacher = tiny_pair()
         before = fingerprint(student)
+        forward_dtypes = set()  # what the student's first MLP computed in, during training
+        fc = student.visual.blocks[0].mlp.c_fc
+        fc.register_forward_hook(
+            lambda m, a, y, seen=forward_dtypes: seen.add(str(y.dtype)) if m.training else None
+        )
         run = out / name
         mirror = f"file://{out}/mirror_{name}" if (stage, precision) == (2, "fp32") else None
         result = run_train(
@@ -130,6 +138,7 @@ def suite_stages(out: Path, info, record):
         export_student(result.engine, run / "final", provenance={"test": name})
         exported = load_model(run / "final")
         r = {"step": result.state.step, "eval": result.eval, "samples_seen": result.state.samples_seen}
+        r["forward_dtypes"], r["weight_dtype"] = sorted(forward_dtypes), str(fc.weight.dtype)
         if info.is_main:
             r["changed"] = abs(fingerprint(exported) - before) > 1e-6
             r["tags"] = sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.endswith(".py"))
@@ -295,7 +304,9 @@ def results(tmp_path_factory) -> list[dict]:
     return [json.loads((out / f"result_rank{r}.json").read_text()) for r in range(2)]
 
 
-RUNS = ["zero0_fp32", "zero1_fp32", "zero2_fp32", "zero3_fp32", "zero3_bf16"]
+RUNS = [f"zero{stage}_{precision}" for stage, precision in STAGES]
+FORWARD_DTYPES = {"fp32": ("torch.float32", "torch.float32"), "bf16": ("torch.bfloat16", "torch.bfloat16")}
+FORWARD_DTYPES["amp_bf16"] = ("torch.bfloat16", "torch.float32")  # autocast: bf16 matmuls, fp32 weights
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -303,11 +314,15 @@ def test_zero_stage_steps_checkpoints_and_exports(results, name):
     r0, r1 = results[0][name], results[1][name]
     assert r0["step"] == r1["step"] == 2 and r0["samples_seen"] == 2 * 2 * B * 2
     assert r0["changed"]  # the student was trained
+    compute, weights = FORWARD_DTYPES[name.split("_", 1)[1]]
+    assert r0["forward_dtypes"] == [compute] and r0["weight_dtype"] == weights
     assert r0["tags"] == ["latest", "step_00000002"]  # keep_checkpoints=1 pruned step 1
     if "export_vs_converter" in r0:  # export == DeepSpeed's own ZeRO -> fp32 converter
         assert r0["export_keys_match"] and r0["export_vs_converter"] < 1e-6
     # the eval callback saw the full weights (gathered under ZeRO-3), on every rank
-    tol = 0.5 if "bf16" in name else 1e-3  # bf16: the module copy vs the exported fp32 master weights
+    tol = (
+        0.5 if name.endswith("_bf16") and "amp" not in name else 1e-3
+    )  # bf16: the module copy vs the exported fp32 master weights
     assert r0["eval"]["probe"] == pytest.approx(r0["probe_export"], abs=tol)
     assert r1["eval"]["probe"] == pytest.approx(r0["eval"]["probe"], abs=1e-6)
     assert r0["metrics_steps"] == [1, 2] and r0["tensorboard"]

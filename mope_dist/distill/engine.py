@@ -17,9 +17,9 @@ from mope_dist.distill.optim import build_ds_config, make_optimizer
 
 
 def own_clipping(ds: DeepSpeedConfig) -> bool:
-    """ZeRO-0 fp32 runs the plain torch optimizer, whose gradients DeepSpeed neither clips nor checks
-    for inf/NaN: the trainer does both itself."""
-    return ds.zero_stage == 0 and ds.precision == "fp32"
+    """ZeRO-0 with fp32 weights (fp32, amp_bf16) runs the plain torch optimizer, whose gradients
+    DeepSpeed neither clips nor checks for inf/NaN: the trainer does both itself."""
+    return ds.zero_stage == 0 and ds.precision in ("fp32", "amp_bf16")
 
 
 def build_engine(student: torch.nn.Module, cfg: DistillConfig, ds: DeepSpeedConfig, micro_batch_size: int):

@@ -60,12 +60,13 @@ def build_ds_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum: int,
     `ds.extra` is merged last (e.g. {"zero_optimization": {"offload_optimizer": {...}}}), one level deep;
     `grad_clip` 0 leaves clipping to the caller.
     Non-finite gradients skip the step in every precision: fp16 through the dynamic loss scaler,
-    bf16 through `check_grad_overflow`; fp32 through the gradient-norm check (see trainer).
+    bf16 through `check_grad_overflow`; fp32 and amp_bf16 (fp32 weights) through ZeRO's overflow check
+    or, under ZeRO-0, the trainer's gradient-norm check.
     """
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, got {ds.zero_stage}")
-    if ds.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be fp32, bf16 or fp16, got {ds.precision!r}")
+    if ds.precision not in ("fp32", "bf16", "fp16", "amp_bf16"):
+        raise ValueError(f"precision must be fp32, bf16, fp16 or amp_bf16, got {ds.precision!r}")
     config = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -74,6 +75,7 @@ def build_ds_config(ds: DeepSpeedConfig, micro_batch_size: int, grad_accum: int,
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": True},
         "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "torch_autocast": {"enabled": ds.precision == "amp_bf16", "dtype": "bfloat16"},
         "steps_per_print": 2**31 - 1,  # the trainer does its own logging
         "wall_clock_breakdown": False,
     }

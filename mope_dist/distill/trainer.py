@@ -56,7 +56,8 @@ from mope_dist.utils import get_logger
 
 log = get_logger("mope_dist.distill")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# the student's weights and inputs per deepspeed.precision (amp_bf16: fp32, autocast inside the engine)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "amp_bf16": torch.float32}
 
 
 @dataclass
