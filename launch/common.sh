@@ -45,3 +45,26 @@ deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
 # Bad configuration, an output dir of another run, an unusable ImageFolder proxy/eval set: one line
 # and exit 2 here, before any process is launched (mope_dist/recipes/preflight.py).
 "$PYTHON" -m mope_dist.recipes.preflight "$@"
+
+# run_launcher ARGS...: the deepspeed launcher with ARGS, as a child of this script, which waits for it
+# and exits with its status. A SIGTERM sent to this script alone (Kubernetes signals a container's PID
+# 1; `kill` of the script) reaches the ranks: it is passed to the launcher's own children (launch.py,
+# which passes it on to every rank's process tree), or, when the launcher drives remote nodes over
+# pdsh (HOSTFILE without NODE_RANK), to the launcher, which handles it there. The ranks then save a
+# preemption checkpoint (distill.preempt_grace_s) while this script keeps the container alive; it
+# exits 143 once the launcher is done. A SIGTERM to the whole job (SLURM) reaches each process as well.
+run_launcher() {
+  "${deepspeed_cmd[@]}" "${launcher_args[@]}" "$@" &
+  local pid=$! rc terminated=0
+  if [ -n "${HOSTFILE:-}" ] && [ -z "${NODE_RANK:-}" ]; then
+    trap 'terminated=1; kill -TERM '"$pid"' 2>/dev/null' TERM
+  else
+    trap 'terminated=1; "$PYTHON" -c "import psutil, sys; [c.terminate() for c in psutil.Process(int(sys.argv[1])).children()]" '"$pid"' 2>/dev/null' TERM
+  fi
+  while :; do
+    wait "$pid" && rc=0 || rc=$?
+    kill -0 "$pid" 2>/dev/null || break  # else `wait` was cut short by the trap: keep waiting
+  done
+  [ "$terminated" = 1 ] && exit 143
+  exit "$rc"
+}

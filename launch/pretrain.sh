@@ -3,4 +3,4 @@
 #   bash launch/pretrain.sh CONFIG.yaml [section.key=value ...]
 # Launcher settings come from the environment; see launch/common.sh.
 source "$(dirname "$0")/common.sh"
-exec "${deepspeed_cmd[@]}" "${launcher_args[@]}" --module mope_dist.recipes.pretrain "$@"
+run_launcher --module mope_dist.recipes.pretrain "$@"

@@ -5,7 +5,8 @@ without a torn checkpoint; with distill.preempt_grace_s=0 SIGTERM exits at once,
 - a 2-process pre-training job under the deepspeed launcher (launch/pretrain.sh, one DataLoader worker
   per rank) gets SIGTERM in every process of the job, as SLURM sends it (the launcher also forwards it
   to each rank's process tree); the same command then continues from the checkpoint, and once more on
-  one process (elastic: the ZeRO state is converted to a universal checkpoint);
+  one process (elastic: the ZeRO state is converted to a universal checkpoint); then once more, with
+  SIGTERM sent to the launch script alone, as Kubernetes signals a container's PID 1;
 - single processes around a CheckpointManager with a stand-in engine whose save can be made slow, for
   the deadline and second-signal cases (started together: interpreter start-up dominates).
 """
@@ -199,6 +200,20 @@ def job(tmp_path_factory):
         rec[f"{name}_rc"] = again.wait(timeout=400)
         rec[f"{name}_log"] = again.output()
     rec["steps"], rec["run"] = logged_steps(run), run
+
+    fourth = Launch(recipe, log=root / "fourth.log")  # distill.steps=400 again: runs until signalled
+    try:
+        wait_for(lambda: len(logged_steps(run)) >= len(rec["steps"]) + 2, 300, "2 more training steps")
+        os.kill(fourth.proc.pid, signal.SIGTERM)  # the script alone
+        signalled = time.monotonic()
+        rec["fourth_rc"] = fourth.wait(timeout=90)
+        rec["fourth_exit_s"] = time.monotonic() - signalled
+        rec["fourth_left"] = session_pids(fourth.proc.pid)
+    finally:
+        if session_pids(fourth.proc.pid):
+            fourth.kill()
+    rec["fourth_log"], rec["fourth_steps"] = fourth.output(), logged_steps(run)
+    rec["fourth_complete"] = CheckpointManager(run / "checkpoints").complete_tags()
     return rec
 
 
@@ -226,3 +241,13 @@ def test_rerun_on_one_process_converts_once_and_continues(job):
     assert f"{tag_dir} holds ZeRO optimizer state partitioned over 2 processes and this run has 1" in log
     assert f"resumed from {tag_dir}: step {step}," in log
     assert job["steps"] == list(range(1, step + 3))  # every step once, across the three runs
+
+
+def test_sigterm_to_the_launch_script_alone_reaches_the_ranks(job):
+    """Kubernetes: SIGTERM to PID 1 only. The script passes it on, outlives the ranks' save, exits 143."""
+    step = job["fourth_steps"][-1]
+    assert job["fourth_complete"][-1] == step_tag(step) and step > job["steps"][-1]
+    tag_dir = job["run"] / "checkpoints" / step_tag(step)
+    for rank in (0, 1):
+        assert f"[rank {rank}] preempted: checkpoint {tag_dir} " in job["fourth_log"]
+    assert job["fourth_rc"] == 143 and job["fourth_left"] == [] and job["fourth_exit_s"] < 60
