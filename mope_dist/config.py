@@ -204,7 +204,8 @@ class OutputConfig:
     dir: str = "runs/default"
     # Reuse an output dir written with a different config (otherwise refused).
     overwrite: bool = False
-    # Optional fsspec URL (s3://, gs://, ...) that checkpoints and logs are copied to in the background.
+    # Optional fsspec URL (s3://, gs://, ...) that checkpoints and logs are copied to in the background,
+    # laid out as under `dir` (fine-tuning's teacher and stages each in their sub-path).
     sync_url: str | None = None
 
 

@@ -104,6 +104,7 @@ def test_staged_run_resumes_between_stages(tmp_path):
     recipe = make_setup(tmp_path)
     out = tmp_path / "run"
     common = [f"output.dir={out}", "finetune.teacher_steps=2", "finetune.teacher_lr=1.0e-4"]
+    common.append(f"output.sync_url=file://{tmp_path / 'mirror'}")
     log = launch(recipe, *common, "finetune.stages=[width]")
     stage0 = out / "stage_0_width"
     for name in ("stage.json", "scores/scores.json", "plan.json", "pruned", "checkpoints/latest", "final"):
@@ -162,6 +163,11 @@ def test_staged_run_resumes_between_stages(tmp_path):
     assert {k: rows[-1][k] for k in reference} == pytest.approx(reference, abs=1e-6)
     assert rows[-1]["params"]["total"] < rows[2]["params"]["total"] < rows[1]["params"]["total"]
     assert "| stage 1 depth: distilled |" in (out / "summary.md").read_text()
+    # output.sync_url: every training mirrored under its own sub-path, as laid out under output.dir
+    for run in ("teacher", "stage_0_width", "stage_1_depth"):
+        assert (tmp_path / "mirror" / run / "checkpoints" / "latest").is_file(), run
+        assert (tmp_path / "mirror" / run / "metrics.jsonl").is_file(), run
+    assert not (tmp_path / "mirror" / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------------------------------

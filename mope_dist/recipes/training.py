@@ -36,7 +36,7 @@ def train_and_export(
         output_dir=out,
         dist_info=info,
         max_skip_rate=cfg.data.max_skip_rate,
-        mirror_url=cfg.output.sync_url,
+        mirror_url=mirror_url(cfg, out),
         evaluate=evaluate,
         normalize=data.normalize,
     )
@@ -50,3 +50,12 @@ def train_and_export(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return state
+
+
+def mirror_url(cfg: Config, out: Path) -> str | None:
+    """output.sync_url for a training in `out`: under the URL the same layout as under output.dir, so
+    fine-tuning's teacher and stages each mirror to their own sub-path instead of one shared root."""
+    if not cfg.output.sync_url:
+        return None
+    sub = Path(out).resolve().relative_to(Path(cfg.output.dir).resolve()).as_posix()
+    return cfg.output.sync_url.rstrip("/") + ("" if sub == "." else f"/{sub}")
