@@ -43,6 +43,11 @@ class DataConfig:
     # uint8: workers hand over raw pixels (4x less shared memory and copy than float32) and the
     # trainer normalises on the device (mope_dist.data.device); float32: open_clip's transform as is.
     image_dtype: Literal["uint8", "float32"] = "uint8"
+    # workers: decode and crop each image in the loader workers (CPU). device: the workers read JPEG
+    # headers and draw the crops only; the trainer decodes each batch on its device (nvJPEG on a GPU,
+    # torchvision's batched decode_jpeg) and crops and resizes there; other formats stay on the CPU.
+    # Needs image_dtype uint8 and open_clip's default train transform.
+    decode: Literal["workers", "device"] = "workers"
     seed: int = 0
     # Stop training when more than this fraction of the samples read so far (all ranks) was unusable
     # (missing image or caption, undecodable image); 1 never stops.
@@ -314,6 +319,8 @@ def _validate_data(cfg: Config, fail) -> None:
         fail("data.max_skip_rate", f"must be in [0, 1], got {data.max_skip_rate}")
     if data.samples_per_epoch is not None and data.samples_per_epoch <= 0:
         fail("data.samples_per_epoch", f"must be positive, got {data.samples_per_epoch}")
+    if data.decode == "device" and data.image_dtype != "uint8":
+        fail("data.decode", "device decoding hands uint8 images to the device: needs data.image_dtype=uint8")
 
 
 def _validate_distill(cfg: Config, fail) -> None:

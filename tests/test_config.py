@@ -65,6 +65,8 @@ def test_resolved_config_round_trips(recipe, tmp_path):
         (["mope.towers=[audio]"], "mope.towers[0]", "the command line"),
         (["data.image_dtype=float16"], "data.image_dtype", "the command line"),
         (["distill.compile=maybe"], "distill.compile", "the command line"),
+        (["data.decode=device", "data.image_dtype=float32"], "data.decode", "the command line"),
+        (["deepspeed.precision=amp_fp16"], "deepspeed.precision", "the command line"),
         (["prune.width_multiple=0"], "prune.width_multiple", "the command line"),
     ],
 )

@@ -168,3 +168,113 @@ def test_prefetcher_cuda_side_stream(pin):
                 images.cpu(), ref.to(dtype), rtol=0, atol=1e-6 if dtype == torch.float32 else 0
             )
             assert torch.equal(tokens.cpu(), ref_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.decode=device: JPEG headers and crops in the workers, decoding and resizing on the device
+
+
+def _encoded(n: int, seed: int = 0) -> list[bytes]:
+    """JPEG bytes of assorted sizes (one grayscale), one PNG, one CMYK JPEG: the last two take the CPU path."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        h, w = 60 + 17 * i, 90 - 9 * i
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        image = Image.fromarray(pixels).convert("L" if i == 1 else "RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    for mode, fmt in (("RGB", "PNG"), ("CMYK", "JPEG")):
+        buf = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(buf, format=fmt)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_device_decode_matches_the_worker_path():
+    """Same crops (same RNG calls) as open_clip's RandomResizedCrop; pixels within resampling noise of
+    PIL's (PIL decodes and resizes in uint8 fixed point, the device path in float); the images that
+    are not plain JPEGs are the CPU path's exactly."""
+    from mope_dist.data.device import JpegBatch, collate_images, split_decode
+
+    uint8_tf, normalize = split_normalize(image_transform_v2(CFG, is_train=True))
+    crops, decoder = split_decode(uint8_tf)
+    encoded = _encoded(5)
+    torch.manual_seed(0)
+    expected = torch.stack([uint8_tf(decode_image(e)) for e in encoded])
+    torch.manual_seed(0)
+    batch = collate_images([crops(e) for e in encoded])
+    assert isinstance(batch, JpegBatch) and len(batch) == 7 and batch.boxes[:, 0].tolist()[5:] == [-1, -1]
+    normalize.decoder = decoder
+    (got, tokens), *_ = DevicePrefetcher([(batch, torch.zeros(7, 4, dtype=torch.long))], "cpu", normalize)
+    reference = normalize(expected)
+    assert got.shape == reference.shape == (7, 3, 48, 48) and got.dtype == torch.float32
+    assert torch.equal(got[5:], reference[5:])  # PNG, CMYK: decoded in the worker
+    diff = (decoder(batch, torch.device("cpu")).float() - expected.float()).abs()
+    # measured: mean 0.11, max 9 levels (grayscale JPEG -> RGB included)
+    assert diff[:5].mean() < 0.5 and diff[:5].max() <= 12, (diff.mean(), diff.max())
+
+
+def test_device_decode_refuses_truncated_jpegs_and_other_transforms():
+    from mope_dist.data.device import split_decode
+
+    crops, _ = split_decode(split_normalize(image_transform_v2(CFG, is_train=True))[0])
+    with pytest.raises(ValueError, match="truncated JPEG"):
+        crops(_encoded(1)[0][:-200])
+    for is_train, aug in ((False, None), (True, JITTER)):
+        uint8_tf = split_normalize(image_transform_v2(CFG, is_train=is_train, aug_cfg=aug))[0]
+        with pytest.raises(ValueError, match="decoding on the device needs open_clip's default train"):
+            split_decode(uint8_tf)
+
+
+def test_device_decode_replaces_an_undecodable_jpeg():
+    """A JPEG whose header and end marker look right but whose data is garbage: decoded neither on the
+    device nor on the CPU, another image of the batch stands in, counted."""
+    from mope_dist.data.device import collate_images, split_decode
+
+    crops, decoder = split_decode(split_normalize(image_transform_v2(CFG, is_train=True))[0])
+    good = _encoded(1)[0]
+    header = good.index(b"\xff\xda")  # start of scan: keep the headers, garble the entropy-coded data
+    bad = good[: header + 2] + b"\x00\x07" + b"\xff" * 300 + b"\xff\xd9"
+    batch = collate_images([crops(good), crops(bad)])
+    images = decoder(batch, torch.device("cpu"))
+    assert decoder.replaced == 1 and torch.equal(images[1], images[0])
+
+
+def test_loader_with_device_decode_yields_jpeg_batches(tmp_path):
+    """Through the job's loader (2 workers): JpegBatches whose decoded images are the worker path's up to
+    resampling noise, in the same order."""
+    from mope_dist.data.device import JpegBatch, split_decode
+
+    shards = write_image_text_shards(tmp_path / "shards", 16, 8, image_size=40)
+    uint8_tf, normalize = split_normalize(image_transform_v2(PreprocessCfg(size=32), is_train=True))
+    crops, normalize.decoder = split_decode(uint8_tf)
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+
+    def batches(transform):
+        loader = make_image_text_loader(shards, transform, tokenizer, 4, num_workers=2, mode="finite", seed=3)
+        torch.manual_seed(7)  # the workers' seeds, so both sides draw the same crops
+        return list(loader), loader
+
+    (raw, loader), (plain, _) = batches(crops), batches(uint8_tf)
+    assert all(isinstance(images, JpegBatch) for images, _ in raw) and len(raw) == len(plain) == 4
+    got = list(DevicePrefetcher(raw, "cpu", normalize))
+    for (images, tokens), (ref_images, ref_tokens) in zip(got, plain, strict=True):
+        assert torch.equal(tokens, ref_tokens)  # the same samples in the same order
+        diff = (images - normalize(ref_images)).abs() * 255 * 0.27  # ~ in uint8 levels (std ~0.27)
+        assert diff.mean() < 0.1, diff.mean()  # other crops would differ by ~10 levels
+    assert loader.skipped().get("bad_image", 0) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_decode_on_cuda_matches_cpu():
+    """nvJPEG + CUDA resampling vs the same path on the CPU (libjpeg-turbo): IDCT rounding apart, equal."""
+    from mope_dist.data.device import collate_images, split_decode
+
+    crops, decoder = split_decode(split_normalize(image_transform_v2(CFG, is_train=True))[0])
+    batch = collate_images([crops(e) for e in _encoded(5)])
+    got, ref = decoder(batch.pin_memory(), torch.device("cuda")), decoder(batch, torch.device("cpu"))
+    assert got.is_cuda and decoder.replaced == 0
+    diff = (got.cpu().float() - ref.float()).abs()
+    assert diff.mean() < 1.0 and diff.max() <= 16, (diff.mean(), diff.max())

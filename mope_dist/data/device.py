@@ -10,14 +10,26 @@ open_clip's transforms resize and crop PIL images, whose pixels are uint8, befor
 ToTensor and Normalize loses nothing, and the normalisation here repeats ToTensor's and Normalize's
 float32 arithmetic operation for operation, so on the CPU the result equals open_clip's float
 pipeline bit for bit (tests/test_device_input.py); on the GPU it is the same arithmetic in CUDA.
+
+`data.decode: device` moves JPEG decoding off the CPU cores as well (`split_decode`): the workers read
+each JPEG's header only, draw its random crop exactly as open_clip's RandomResizedCrop would (same
+RNG calls, so the same boxes), and hand over the encoded bytes (`JpegBatch`); the prefetcher decodes
+the batch with torchvision's batched `decode_jpeg` on the device (nvJPEG on a GPU), then crops and
+resizes each image there (`JpegDecoder`). Images that are not plain RGB/grayscale JPEGs take the CPU
+path in the worker, and a JPEG the device cannot decode is decoded on the CPU.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
-from torchvision.transforms import Compose, Normalize, PILToTensor, ToTensor
+from torchvision.transforms import Compose, Normalize, PILToTensor, RandomResizedCrop, ToTensor
+
+from mope_dist.utils import get_logger
+
+log = get_logger("mope_dist.data")
 
 
 class ImageNormalizer:
@@ -29,6 +41,7 @@ class ImageNormalizer:
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.decoder: JpegDecoder | None = None  # data.decode=device: JpegBatch -> uint8 on the device
         self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,6 +78,170 @@ def split_normalize(transform: Compose) -> tuple[Compose, ImageNormalizer]:
         )
     normalize = steps[-1]
     return Compose([*steps[:-2], PILToTensor()]), ImageNormalizer(normalize.mean, normalize.std)
+
+
+class EncodedJpeg:
+    """One JPEG as the worker hands it over: its bytes and its crop box (top, left, height, width)."""
+
+    __slots__ = ("data", "box")
+
+    def __init__(self, data: torch.Tensor, box: tuple[int, int, int, int]):
+        self.data, self.box = data, box
+
+
+class JpegBatch:
+    """A batch of images, in batch order, to be decoded on the device: the JPEGs' bytes concatenated
+    (`data`, `offsets`), each one's crop box (`boxes`, -1 for images decoded already), and the images
+    the worker decoded itself (`decoded`, uint8 [k, 3, H, W])."""
+
+    def __init__(self, data, offsets, boxes, decoded):
+        self.data, self.offsets, self.boxes, self.decoded = data, offsets, boxes, decoded
+
+    @classmethod
+    def of(cls, images: list) -> JpegBatch:
+        jpegs = [x for x in images if isinstance(x, EncodedJpeg)]
+        sizes = torch.tensor([0] + [x.data.numel() for x in jpegs], dtype=torch.int64)
+        boxes = torch.tensor([x.box if isinstance(x, EncodedJpeg) else (-1,) * 4 for x in images])
+        decoded = [x for x in images if not isinstance(x, EncodedJpeg)]
+        return cls(
+            torch.cat([x.data for x in jpegs]) if jpegs else torch.empty(0, dtype=torch.uint8),
+            sizes.cumsum(0),
+            boxes,
+            torch.stack(decoded) if decoded else torch.empty(0, dtype=torch.uint8),
+        )
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def pin_memory(self) -> JpegBatch:  # called by the DataLoader's pin-memory thread
+        return JpegBatch(self.data.pin_memory(), self.offsets, self.boxes, self.decoded.pin_memory())
+
+    def jpegs(self) -> Iterator[tuple[int, torch.Tensor, list[int]]]:
+        """(batch index, encoded bytes, crop box) of each JPEG."""
+        k = 0
+        for i, box in enumerate(self.boxes.tolist()):
+            if box[0] >= 0:
+                yield i, self.data[self.offsets[k] : self.offsets[k + 1]], box
+                k += 1
+
+
+def collate_images(images: list) -> torch.Tensor | JpegBatch:
+    """The workers' images of one batch: stacked, or a JpegBatch when some are still encoded."""
+    if any(isinstance(x, EncodedJpeg) for x in images):
+        return JpegBatch.of(images)
+    return torch.stack(images)
+
+
+class JpegCrops:
+    """Worker side of data.decode=device: the sample's encoded image -> EncodedJpeg (header read, crop
+    drawn) for RGB or grayscale JPEGs, else the CPU transform's uint8 tensor. Raises on a truncated
+    JPEG (no end-of-image marker), so that the loader skips and counts it as a bad image."""
+
+    encoded = True  # the loader passes the image field as it is, not decoded
+
+    def __init__(self, crop: RandomResizedCrop, cpu_transform: Compose):
+        self.crop, self.cpu_transform = crop, cpu_transform
+
+    def __call__(self, value):
+        from PIL import Image
+
+        from mope_dist.data.samples import decode_image
+
+        if isinstance(value, bytes) and value[:3] == b"\xff\xd8\xff":
+            header = Image.open(io.BytesIO(value))  # reads the header, decodes nothing
+            if header.format == "JPEG" and header.mode in ("RGB", "L"):
+                if b"\xff\xd9" not in value[-64:]:
+                    raise ValueError("truncated JPEG: no end-of-image marker")
+                box = self.crop.get_params(header, list(self.crop.scale), list(self.crop.ratio))
+                return EncodedJpeg(torch.frombuffer(bytearray(value), dtype=torch.uint8), tuple(box))
+        return self.cpu_transform(decode_image(value))
+
+
+class JpegDecoder:
+    """Device side of data.decode=device: a JpegBatch -> uint8 [B, 3, H, W] on `device`. The JPEGs are
+    decoded in one batched call, then each is cropped and resized (antialiased, the transform's
+    interpolation) on the device; a JPEG that fails there is decoded on the CPU, and one that fails
+    there too is replaced by another image of its batch (counted in `replaced`, logged)."""
+
+    def __init__(self, crop: RandomResizedCrop):
+        self.size, self.interpolation = list(crop.size), crop.interpolation
+        self.replaced = 0
+
+    def __call__(self, batch: JpegBatch, device: torch.device) -> torch.Tensor:
+        from torchvision.transforms.v2.functional import resized_crop
+
+        out = torch.empty(len(batch), 3, *self.size, dtype=torch.uint8, device=device)
+        ready = (batch.boxes[:, 0] < 0).nonzero().flatten().tolist()
+        if ready:
+            out[ready] = batch.decoded.to(device, non_blocking=True)
+        rows, datas, boxes = zip(*batch.jpegs(), strict=True) if len(ready) < len(batch) else ((), (), ())
+        missing = []
+        for row, image, (top, left, height, width) in zip(
+            rows, self._decode(list(datas), device), boxes, strict=True
+        ):
+            if image is None:
+                missing.append(row)
+                continue
+            out[row] = resized_crop(
+                image, top, left, height, width, self.size, interpolation=self.interpolation, antialias=True
+            )
+        if missing:  # undecodable: another image of the batch stands in (black if there is none)
+            good = [r for r in range(len(batch)) if r not in missing]
+            out[missing] = out[good[0]].clone() if good else 0
+        return out
+
+    def _decode(self, datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        if not datas:
+            return []
+        try:
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad image fails the batched call: one at a time, the CPU as fallback
+            out = []
+            for data in datas:
+                image = None
+                for where in dict.fromkeys((device, torch.device("cpu"))):
+                    try:
+                        image = decode_jpeg(data, mode=ImageReadMode.RGB, device=where).to(device)
+                        break
+                    except RuntimeError:
+                        continue
+                if image is None:
+                    self.replaced += 1
+                    log.warning(
+                        f"a JPEG decodable neither on {device} nor on the CPU was replaced ({self.replaced} so far)"
+                    )
+                out.append(image)
+            return out
+
+
+def split_decode(transform: Compose) -> tuple[JpegCrops, JpegDecoder]:
+    """The uint8 transform of `split_normalize` -> (the workers' JpegCrops, the device's JpegDecoder).
+
+    Only open_clip's default train transform can be split there (RandomResizedCrop, then the RGB
+    conversion and the uint8 tensor): its crop needs nothing but the image size. Anything else
+    (augmentations, a Resize + CenterCrop eval transform) is refused."""
+    steps = list(transform.transforms)
+    names = [type(s).__name__ for s in steps]
+    if (
+        len(steps) != 3
+        or not isinstance(steps[0], RandomResizedCrop)
+        or names[1:]
+        != [
+            "MaybeConvertMode",
+            "PILToTensor",
+        ]
+    ):
+        raise ValueError(
+            f"decoding on the device needs open_clip's default train transform (RandomResizedCrop, "
+            f"MaybeConvertMode, then the uint8 tensor), got {names}"
+        )
+    return JpegCrops(steps[0], transform), JpegDecoder(steps[0])
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -123,15 +300,21 @@ class DevicePrefetcher:
         images, tokens, *rest = batch
         if self.stream is None or images.device == self.device:
             tokens = tokens.to(self.device)
-            return (self._prepare(images.to(self.device)), tokens, *rest), None
+            return (self._prepare(images), tokens, *rest), None
         with torch.cuda.stream(self.stream):
-            images = _pinned(images).to(self.device, non_blocking=True)
+            if not isinstance(images, JpegBatch):  # (JPEGs are read from host memory by the decoder)
+                images = _pinned(images).to(self.device, non_blocking=True)
             tokens = _pinned(tokens).to(self.device, non_blocking=True)
             images = self._prepare(images)
             copied = self.stream.record_event()
         return (images, tokens, *rest), copied
 
-    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, images: torch.Tensor | JpegBatch) -> torch.Tensor:
+        if isinstance(images, JpegBatch):
+            if self.normalize is None or self.normalize.decoder is None:
+                raise ValueError("encoded JPEG batch but no decoder given (see split_decode)")
+            images = self.normalize.decoder(images, self.device)
+        images = images.to(self.device)
         if self.normalize is not None:
             return self.normalize(images, self.dtype)
         if images.dtype == torch.uint8:

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mope_dist import dist
 from mope_dist.data import position
+from mope_dist.data.device import collate_images
 from mope_dist.data.samples import (
     SAMPLE_SKIP_REASONS,
     SkipCounters,
@@ -131,7 +132,9 @@ class _WorkerStream(IterableDataset):
 
     def _convert(self, sample: dict):
         image, text = image_of(sample), caption_of(sample)
-        return self.preprocess(decode_image(image)), text, sample.get("__index__")
+        if not getattr(self.preprocess, "encoded", False):  # JpegCrops takes the encoded image
+            image = decode_image(image)
+        return self.preprocess(image), text, sample.get("__index__")
 
     def _collate(self, logical: int, items: list):
         end = items[-1][2]
@@ -141,7 +144,7 @@ class _WorkerStream(IterableDataset):
                 "the sample dict with its '__' keys"
             )
         return (
-            torch.stack([image for image, _, _ in items]),
+            collate_images([image for image, _, _ in items]),
             self.tokenizer([t for _, t, _ in items]),
             logical,
             end + 1,
@@ -152,6 +155,7 @@ class ImageTextLoader:
     """Iterable of (images [B,3,H,W], tokens [B,ctx]) yielding exactly `num_batches` per epoch on every rank.
 
     `shards` is a shard spec (see mope_dist.data.shards). `preprocess` maps a PIL RGB image to a tensor
+    (or, with an `encoded` attribute set, e.g. mope_dist.data.device.JpegCrops, the image field as read)
     (open_clip's transform); `tokenizer` maps a list of captions to a token tensor (open_clip's tokenizer
     with the model's context length). rank/world_size default to the current process group. `stages`:
     webdataset stages run in each worker on the shuffled raw samples (dicts of bytes by extension) before

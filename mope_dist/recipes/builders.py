@@ -17,7 +17,7 @@ from mope_dist.data import (
     make_image_text_loader,
     make_labelled_loader,
 )
-from mope_dist.data.device import ImageNormalizer, split_normalize
+from mope_dist.data.device import ImageNormalizer, split_decode, split_normalize
 from mope_dist.errors import ConfigError
 from mope_dist.eval.retrieval import evaluate_retrieval
 from mope_dist.eval.zeroshot import build_classifier, evaluate_zeroshot
@@ -42,10 +42,16 @@ class TrainData(NamedTuple):
 
 def train_loader(cfg: Config, preprocess, tokenizer, world_size: int) -> TrainData:
     """With data.image_dtype uint8 the workers stop before ToTensor/Normalize and the trainer
-    normalises on the device (a quarter of the bytes to move per batch)."""
+    normalises on the device (a quarter of the bytes to move per batch); with data.decode device they
+    also leave JPEG decoding and cropping to the device."""
     normalize = None
     if cfg.data.image_dtype == "uint8":
         preprocess, normalize = split_normalize(preprocess)
+    if cfg.data.decode == "device":  # (config validation: image_dtype is uint8)
+        try:
+            preprocess, normalize.decoder = split_decode(preprocess)
+        except ValueError as e:
+            raise ConfigError(f"data.decode=device: {e}") from e
     loader = make_image_text_loader(
         cfg.data.train_shards,
         preprocess,
