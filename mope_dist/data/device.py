@@ -214,7 +214,8 @@ class JpegDecoder:
                 if image is None:
                     self.replaced += 1
                     log.warning(
-                        f"a JPEG decodable neither on {device} nor on the CPU was replaced ({self.replaced} so far)"
+                        f"a JPEG that could not be decoded (on {device}, then on the CPU) was replaced by "
+                        f"another image of its batch ({self.replaced} so far)"
                     )
                 out.append(image)
             return out
@@ -228,15 +229,8 @@ def split_decode(transform: Compose) -> tuple[JpegCrops, JpegDecoder]:
     (augmentations, a Resize + CenterCrop eval transform) is refused."""
     steps = list(transform.transforms)
     names = [type(s).__name__ for s in steps]
-    if (
-        len(steps) != 3
-        or not isinstance(steps[0], RandomResizedCrop)
-        or names[1:]
-        != [
-            "MaybeConvertMode",
-            "PILToTensor",
-        ]
-    ):
+    expected_rest = ["MaybeConvertMode", "PILToTensor"]
+    if len(steps) != 3 or not isinstance(steps[0], RandomResizedCrop) or names[1:] != expected_rest:
         raise ValueError(
             f"decoding on the device needs open_clip's default train transform (RandomResizedCrop, "
             f"MaybeConvertMode, then the uint8 tensor), got {names}"
