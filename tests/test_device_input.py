@@ -195,23 +195,28 @@ def _encoded(n: int, seed: int = 0) -> list[bytes]:
 def test_device_decode_matches_the_worker_path():
     """Same crops (same RNG calls) as open_clip's RandomResizedCrop; pixels within resampling noise of
     PIL's (PIL decodes and resizes in uint8 fixed point, the device path in float); the images that
-    are not plain JPEGs are the CPU path's exactly."""
+    are not plain JPEGs, or carry bytes after their end marker, are the CPU path's exactly; decoding in
+    chunks changes nothing."""
     from mope_dist.data.device import JpegBatch, collate_images, split_decode
 
     uint8_tf, normalize = split_normalize(image_transform_v2(CFG, is_train=True))
     crops, decoder = split_decode(uint8_tf)
     encoded = _encoded(5)
+    encoded.append(encoded[3] + b"\x00" * 100)  # trailing bytes (camera JPEGs): valid, decoded by PIL
     torch.manual_seed(0)
     expected = torch.stack([uint8_tf(decode_image(e)) for e in encoded])
     torch.manual_seed(0)
     batch = collate_images([crops(e) for e in encoded])
-    assert isinstance(batch, JpegBatch) and len(batch) == 7 and batch.boxes[:, 0].tolist()[5:] == [-1, -1]
+    assert isinstance(batch, JpegBatch) and len(batch) == 8 and batch.boxes[:, 0].tolist()[5:] == [-1] * 3
     normalize.decoder = decoder
-    (got, tokens), *_ = DevicePrefetcher([(batch, torch.zeros(7, 4, dtype=torch.long))], "cpu", normalize)
+    (got, tokens), *_ = DevicePrefetcher([(batch, torch.zeros(8, 4, dtype=torch.long))], "cpu", normalize)
     reference = normalize(expected)
-    assert got.shape == reference.shape == (7, 3, 48, 48) and got.dtype == torch.float32
-    assert torch.equal(got[5:], reference[5:])  # PNG, CMYK: decoded in the worker
-    diff = (decoder(batch, torch.device("cpu")).float() - expected.float()).abs()
+    assert got.shape == reference.shape == (8, 3, 48, 48) and got.dtype == torch.float32
+    assert torch.equal(got[5:], reference[5:])  # PNG, CMYK, trailing bytes: decoded in the worker
+    whole = decoder(batch, torch.device("cpu"))
+    decoder.chunk = 2  # the 5 JPEGs in three batched decodes
+    assert torch.equal(decoder(batch, torch.device("cpu")), whole)
+    diff = (whole.float() - expected.float()).abs()
     # measured: mean 0.11, max 9 levels (grayscale JPEG -> RGB included)
     assert diff[:5].mean() < 0.5 and diff[:5].max() <= 12, (diff.mean(), diff.max())
 
@@ -220,7 +225,7 @@ def test_device_decode_refuses_truncated_jpegs_and_other_transforms():
     from mope_dist.data.device import split_decode
 
     crops, _ = split_decode(split_normalize(image_transform_v2(CFG, is_train=True))[0])
-    with pytest.raises(ValueError, match="truncated JPEG"):
+    with pytest.raises(OSError, match="truncated"):  # decoded on the CPU, which refuses it
         crops(_encoded(1)[0][:-200])
     for is_train, aug in ((False, None), (True, JITTER)):
         uint8_tf = split_normalize(image_transform_v2(CFG, is_train=is_train, aug_cfg=aug))[0]

@@ -138,8 +138,11 @@ def collate_images(images: list) -> torch.Tensor | JpegBatch:
 
 class JpegCrops:
     """Worker side of data.decode=device: the sample's encoded image -> EncodedJpeg (header read, crop
-    drawn) for RGB or grayscale JPEGs, else the CPU transform's uint8 tensor. Raises on a truncated
-    JPEG (no end-of-image marker), so that the loader skips and counts it as a bad image."""
+    drawn) for RGB or grayscale JPEGs that end in their end-of-image marker, else the CPU transform's
+    uint8 tensor. A JPEG with bytes after that marker (common from cameras) or none (truncated: the
+    GPU decoder could return a partly grey image without an error) takes the CPU path, which decodes
+    the first and raises on the second, so the loader skips and counts it as a bad image, as it does
+    with data.decode=workers."""
 
     encoded = True  # the loader passes the image field as it is, not decoded
 
@@ -153,9 +156,7 @@ class JpegCrops:
 
         if isinstance(value, bytes) and value[:3] == b"\xff\xd8\xff":
             header = Image.open(io.BytesIO(value))  # reads the header, decodes nothing
-            if header.format == "JPEG" and header.mode in ("RGB", "L"):
-                if b"\xff\xd9" not in value[-64:]:
-                    raise ValueError("truncated JPEG: no end-of-image marker")
+            if header.format == "JPEG" and header.mode in ("RGB", "L") and value.endswith(b"\xff\xd9"):
                 box = self.crop.get_params(header, list(self.crop.scale), list(self.crop.ratio))
                 return EncodedJpeg(torch.frombuffer(bytearray(value), dtype=torch.uint8), tuple(box))
         return self.cpu_transform(decode_image(value))
@@ -163,12 +164,13 @@ class JpegCrops:
 
 class JpegDecoder:
     """Device side of data.decode=device: a JpegBatch -> uint8 [B, 3, H, W] on `device`. The JPEGs are
-    decoded in one batched call, then each is cropped and resized (antialiased, the transform's
-    interpolation) on the device; a JPEG that fails there is decoded on the CPU, and one that fails
-    there too is replaced by another image of its batch (counted in `replaced`, logged)."""
+    decoded in batched calls of `chunk` images (full-size decoded images are large: the chunk bounds
+    their memory), then each is cropped and resized (antialiased, the transform's interpolation) on
+    the device; a JPEG that fails there is decoded on the CPU, and one that fails there too is
+    replaced by another image of its batch (counted in `replaced`, logged)."""
 
-    def __init__(self, crop: RandomResizedCrop):
-        self.size, self.interpolation = list(crop.size), crop.interpolation
+    def __init__(self, crop: RandomResizedCrop, chunk: int = 64):
+        self.size, self.interpolation, self.chunk = list(crop.size), crop.interpolation, chunk
         self.replaced = 0
 
     def __call__(self, batch: JpegBatch, device: torch.device) -> torch.Tensor:
@@ -178,17 +180,17 @@ class JpegDecoder:
         ready = (batch.boxes[:, 0] < 0).nonzero().flatten().tolist()
         if ready:
             out[ready] = batch.decoded.to(device, non_blocking=True)
-        rows, datas, boxes = zip(*batch.jpegs(), strict=True) if len(ready) < len(batch) else ((), (), ())
-        missing = []
-        for row, image, (top, left, height, width) in zip(
-            rows, self._decode(list(datas), device), boxes, strict=True
-        ):
-            if image is None:
-                missing.append(row)
-                continue
-            out[row] = resized_crop(
-                image, top, left, height, width, self.size, interpolation=self.interpolation, antialias=True
-            )
+        jpegs, missing = list(batch.jpegs()), []
+        for start in range(0, len(jpegs), self.chunk):
+            part = jpegs[start : start + self.chunk]
+            images = self._decode([data for _, data, _ in part], device)
+            for (row, _, box), image in zip(part, images, strict=True):  # box: top, left, height, width
+                if image is None:
+                    missing.append(row)
+                    continue
+                out[row] = resized_crop(
+                    image, *box, self.size, interpolation=self.interpolation, antialias=True
+                )
         if missing:  # undecodable: another image of the batch stands in (black if there is none)
             good = [r for r in range(len(batch)) if r not in missing]
             out[missing] = out[good[0]].clone() if good else 0
@@ -199,9 +201,11 @@ class JpegDecoder:
 
         if not datas:
             return []
+        _settle(device)
         try:
             return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:  # one bad image fails the batched call: one at a time, the CPU as fallback
+            _settle(device)
             out = []
             for data in datas:
                 image = None
@@ -219,6 +223,15 @@ class JpegDecoder:
                     )
                 out.append(image)
             return out
+
+
+def _settle(device: torch.device) -> None:
+    """Before torchvision decodes JPEGs on a GPU: it allocates the decoded images on the current stream
+    but writes them from its own stream without waiting for this one, so memory freed here with
+    kernels still queued (a previous chunk's images) must be idle on the GPU first. Costs little: the
+    decode itself ends in a host sync."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def split_decode(transform: Compose) -> tuple[JpegCrops, JpegDecoder]:
