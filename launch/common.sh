@@ -46,21 +46,40 @@ deepspeed_cmd=("$PYTHON" -m deepspeed.launcher.runner)
 # and exit 2 here, before any process is launched (mope_dist/recipes/preflight.py).
 "$PYTHON" -m mope_dist.recipes.preflight "$@"
 
+# pass_sigterm PID: SIGTERM to the deepspeed launcher PID's local launch.py, which passes it on to every
+# rank's process tree; to the launcher itself when it runs none here (it drives remote nodes over pdsh
+# and signals them itself, or launch.py has not started yet). Chosen when the signal comes: a hostfile
+# filtered to one host runs launch.py locally, and there the launcher has no SIGTERM handler.
+pass_sigterm() {
+  "$PYTHON" - "$1" 2>/dev/null <<'EOF' || kill -TERM "$1" 2>/dev/null
+import sys
+
+import psutil
+
+def runs_launch(process):
+    try:
+        return "deepspeed.launcher.launch" in process.cmdline()
+    except psutil.Error:  # exited meanwhile
+        return False
+
+
+launcher = psutil.Process(int(sys.argv[1]))
+for process in [c for c in launcher.children() if runs_launch(c)] or [launcher]:
+    process.terminate()
+EOF
+}
+
 # run_launcher ARGS...: the deepspeed launcher with ARGS, as a child of this script, which waits for it
 # and exits with its status. A SIGTERM sent to this script alone (Kubernetes signals a container's PID
-# 1; `kill` of the script) reaches the ranks: it is passed to the launcher's own children (launch.py,
-# which passes it on to every rank's process tree), or, when the launcher drives remote nodes over
-# pdsh (HOSTFILE without NODE_RANK), to the launcher, which handles it there. The ranks then save a
-# preemption checkpoint (distill.preempt_grace_s) while this script keeps the container alive; it
-# exits 143 once the launcher is done. A SIGTERM to the whole job (SLURM) reaches each process as well.
+# 1; `kill` of the script) reaches the ranks (pass_sigterm); they save a preemption checkpoint
+# (distill.preempt_grace_s) while this script keeps the container alive, and it exits 143 once the
+# launcher is done. Over pdsh the launcher exits about a second after signalling the remote ranks, so
+# there this script does not outlive their save: each node's own container must (run one launcher per
+# node with NODE_RANK for that). A SIGTERM to the whole job (SLURM) reaches each process as well.
 run_launcher() {
   "${deepspeed_cmd[@]}" "${launcher_args[@]}" "$@" &
   local pid=$! rc terminated=0
-  if [ -n "${HOSTFILE:-}" ] && [ -z "${NODE_RANK:-}" ]; then
-    trap 'terminated=1; kill -TERM '"$pid"' 2>/dev/null' TERM
-  else
-    trap 'terminated=1; "$PYTHON" -c "import psutil, sys; [c.terminate() for c in psutil.Process(int(sys.argv[1])).children()]" '"$pid"' 2>/dev/null' TERM
-  fi
+  trap 'terminated=1; pass_sigterm '"$pid" TERM
   while :; do
     wait "$pid" && rc=0 || rc=$?
     kill -0 "$pid" 2>/dev/null || break  # else `wait` was cut short by the trap: keep waiting
