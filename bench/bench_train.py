@@ -17,7 +17,8 @@ on the same batches, after warm-up steps, over the same number of timed steps, i
 (best round of each side reported, since the load of a shared machine drifts).
 
 `--model NAME` runs the throughput parts on any open_clip model (random weights, nothing downloaded)
-instead of the built-in mid-size CLIP. MFU (model FLOPs utilisation) is printed beside each side: the
+instead of the built-in mid-size CLIP; `--model tiny` runs a CLIP so small that a step is nearly all
+host work, so its ratio is the trainer's per-step host overhead over the plain loop. MFU (model FLOPs utilisation) is printed beside each side: the
 analytic FLOPs per sample (mope_dist.model.train_flops_per_sample) x samples/s over the device's peak
 (`--peak-tflops`, default from PEAK_TFLOPS by the GPU's name; none on CPU).
 """
@@ -45,6 +46,18 @@ MODEL = dict(
     vision_cfg=dict(image_size=64, patch_size=8, width=256, layers=6, head_width=32, mlp_ratio=4.0),
     text_cfg=dict(context_length=32, vocab_size=49408, width=256, heads=8, layers=6, mlp_ratio=4.0),
 )
+# `--model tiny`: a step that is nearly all host work (Python, op dispatch), so the ratio shows the
+# trainer's per-step host overhead over the plain loop, which a GPU hides only while it has queued work.
+TINY = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=16, patch_size=8, width=32, layers=6, head_width=16, mlp_ratio=1.0),
+    text_cfg=dict(context_length=8, vocab_size=49408, width=32, heads=2, layers=6, mlp_ratio=1.0),
+)
+
+
+def _arch(opts) -> dict | str:
+    """The throughput parts' model: the built-in mid-size CLIP, TINY, or an open_clip model name."""
+    return {None: MODEL, "tiny": TINY}.get(opts.model, opts.model)
 
 
 def _open_clip_model(cfg: dict | str, seed: int = 0, output_dict: bool = False):
@@ -199,7 +212,7 @@ def part_distill(info, opts, out: Path) -> dict:
     from mope_dist.distill.optim import lr_at, make_optimizer, set_lr
     from mope_dist.model import train_flops_per_sample
 
-    device, model = info.device, opts.model or MODEL
+    device, model = info.device, _arch(opts)
     batches = _batches(opts.steps, opts.batch, model, info.rank, device)
     settings = _settings(opts, opts.steps, opts.batch)
     cfg = settings[0]
@@ -252,7 +265,7 @@ def part_openclip(info, opts, out: Path) -> dict:
 
     from mope_dist.model import from_open_clip, train_flops_per_sample
 
-    arch = opts.model or MODEL
+    arch = _arch(opts)
     batches = _batches(opts.steps, opts.batch, arch, info.rank, info.device)
     model = _open_clip_model(arch, output_dict=True).to(info.device)
 
@@ -393,7 +406,9 @@ def main() -> None:
         help="trainer's distill.compile (auto: on GPU)",
     )
     p.add_argument(
-        "--model", default=None, help="open_clip model name for the throughput parts (random weights)"
+        "--model",
+        default=None,
+        help="open_clip model name for the throughput parts (random weights), or tiny (host overhead)",
     )
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
