@@ -106,9 +106,10 @@ def _student_teacher(cfg: dict):
 class Batches:
     """The trainer's loader protocol over a fixed list of in-memory batches (cycled)."""
 
-    def __init__(self, batches: list):
+    def __init__(self, batches: list, on_batch=None):
         self.batches = batches
         self.start = 0
+        self.on_batch = on_batch  # called as each batch is handed out (ProfileWindow)
 
     def __len__(self):
         return len(self.batches)
@@ -117,7 +118,10 @@ class Batches:
         self.start = start_step
 
     def __iter__(self):
-        yield from self.batches[self.start :]
+        for batch in self.batches[self.start :]:
+            if self.on_batch is not None:
+                self.on_batch()
+            yield batch
 
     # open_clip_train's DataInfo / dataloader attributes
     @property
@@ -127,6 +131,67 @@ class Batches:
     @property
     def num_samples(self):
         return sum(len(b[0]) for b in self.batches)
+
+
+class ProfileWindow:
+    """torch.profiler over `count` consecutive steps after `skip`, driven by one call per step (or per
+    batch handed out: the trainer's prefetcher takes each one a step early, which shifts the window
+    but not its length). The device is synchronised at both ends, so `wall` holds the queued work."""
+
+    def __init__(self, skip: int, count: int, device):
+        self.skip, self.count, self.device = skip, count, device
+        self.calls, self.prof, self.wall_s = 0, None, None
+
+    def _sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self):
+        from torch.profiler import ProfilerActivity, profile
+
+        self.calls += 1
+        if self.calls == self.skip + 1:
+            cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+            self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
+            self._sync()
+            self.prof.start()
+            self.t0 = time.perf_counter()
+        elif self.calls == self.skip + self.count + 1:
+            self._sync()
+            self.wall_s = time.perf_counter() - self.t0
+            self.prof.stop()
+
+    def summary(self, table: Path) -> dict:
+        """Per step: wall time, time the device was running kernels or copies (the union over streams;
+        busy = its share of the wall), and host time in operators (all threads); the top operators
+        go to `table`."""
+        if self.wall_s is None:
+            raise RuntimeError(
+                f"profile window not closed: {self.calls} calls of {self.skip + self.count + 1}"
+            )
+        from torch.autograd import DeviceType
+
+        spans = sorted(
+            (e.time_range.start, e.time_range.end)
+            for e in self.prof.events()
+            if e.device_type != DeviceType.CPU
+        )
+        device_us, end = 0, float("-inf")
+        for start, stop in spans:  # their union: kernels and copies on several streams overlap
+            device_us += max(0, stop - max(start, end))
+            end = max(end, stop)
+        device_s = device_us / 1e6
+        host_s = sum(e.self_cpu_time_total for e in self.prof.key_averages()) / 1e6
+        sort_by = "self_device_time_total" if device_s else "self_cpu_time_total"
+        table.write_text(self.prof.key_averages().table(sort_by=sort_by, row_limit=30))
+        n = self.count
+        return {
+            "wall_ms": 1e3 * self.wall_s / n,
+            "device_ms": 1e3 * device_s / n,
+            "host_ms": 1e3 * host_s / n,
+        }
 
 
 def _batches(n: int, batch: int, cfg: dict | str, rank: int, device) -> list:
@@ -148,7 +213,8 @@ def _batches(n: int, batch: int, cfg: dict | str, rank: int, device) -> list:
 
 
 def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, settings, info) -> float:
-    """Steady-state samples/s as logged by the trainer: the second of two equal log windows."""
+    """Steady-state samples/s as logged by the trainer: the second of its log windows (a third, partial
+    one holds the steps a ProfileWindow adds)."""
     from mope_dist.distill.trainer import train
 
     cfg, ds, batch = settings
@@ -165,18 +231,19 @@ def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, settings, in
     )
     lines = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [x["perf/samples_per_s"] for x in lines if "perf/samples_per_s" in x]
-    return windows[-1]
+    return windows[1]
 
 
-def _settings(opts, steps: int, batch: int, zero_stage: int | None = None):
+def _settings(opts, steps: int, batch: int, zero_stage: int | None = None, extra: int = 0):
     """(DistillConfig, DeepSpeedConfig, micro batch) of a trainer run: `steps` warm-up then `steps` timed,
-    one log window each; all four loss terms when the run has a teacher (contrastive only without)."""
+    one log window each, then `extra` steps (profiled); all four loss terms when the run has a teacher
+    (contrastive only without)."""
     from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
 
     losses = LossWeights(contrastive=1.0, kd=1.0, kd_temperature=2.0, embed=100.0, hidden=1.0)
     compile_ = {"auto": None, "on": True, "off": False}[opts.compile]
     cfg = DistillConfig(
-        steps=2 * steps, lr=1e-4, warmup_steps=2, log_every=steps, losses=losses, compile=compile_
+        steps=2 * steps + extra, lr=1e-4, warmup_steps=2, log_every=steps, losses=losses, compile=compile_
     )
     zero = opts.zero if zero_stage is None else zero_stage
     return cfg, DeepSpeedConfig(zero_stage=zero, precision=opts.precision), batch
@@ -226,31 +293,54 @@ def part_distill(info, opts, out: Path) -> dict:
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(student, cfg)
 
-    def plain(_round) -> float:
+    def plain_step(step: int) -> None:
+        images, texts = batches[step % len(batches)]
+        set_lr(optimizer, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
+        with torch.no_grad():
+            t_out = t_rec(teacher, images.to(teacher.logit_scale.dtype), texts)
+        with _autocast(opts, device):
+            loss, _ = loss_fn(s_rec(ddp, images, texts), t_out)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+        optimizer.step()
+
+    # --profile N: the last round of each side profiles N more steps after its timed ones
+    profiles, last = {}, opts.rounds - 1
+
+    def plain(r) -> float:
         for step in range(2 * opts.steps):  # the first half warms up
             if step == opts.steps:
                 torch.distributed.barrier()
                 t0 = time.perf_counter()
-            images, texts = batches[step % len(batches)]
-            set_lr(optimizer, lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
-            with torch.no_grad():
-                t_out = t_rec(teacher, images.to(teacher.logit_scale.dtype), texts)
-            with _autocast(opts, device):
-                loss, _ = loss_fn(s_rec(ddp, images, texts), t_out)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            optimizer.step()
+            plain_step(step)
         torch.distributed.barrier()
-        return opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
+        rate = opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
+        if opts.profile and r == last:
+            window = profiles["baseline"] = ProfileWindow(0, opts.profile, device)
+            for step in range(2 * opts.steps, 2 * opts.steps + opts.profile):
+                window()
+                plain_step(step)
+            window()
+        return rate
 
     def trainer(r) -> float:
         s, t = _student_teacher(model)
-        return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches), settings, info)
+        if not (opts.profile and r == last):
+            return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches), settings, info)
+        # the window opens one batch after the timed steps (the prefetcher may be a batch ahead)
+        window = profiles["trainer"] = ProfileWindow(2 * opts.steps + 1, opts.profile, device)
+        longer = _settings(opts, opts.steps, opts.batch, extra=opts.profile + 2)
+        return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches, window), longer, info)
 
     flops = train_flops_per_sample(student, teacher)
     base, ours = _alternate(opts, plain, trainer)
-    return {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base), "flops_per_sample": flops}
+    result = {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base), "flops_per_sample": flops}
+    if profiles:
+        result["profile"] = {
+            k: w.summary(out / f"profile_{k}_rank{info.rank}.txt") for k, w in profiles.items()
+        }
+    return result
 
 
 def part_openclip(info, opts, out: Path) -> dict:
@@ -382,6 +472,7 @@ def launch(opts, part: str, out: Path, stage: int = 0) -> list[dict]:
     cmd += ["--steps", str(opts.steps), "--batch", str(opts.batch), "--zero", str(opts.zero)]
     cmd += ["--precision", opts.precision, "--rounds", str(opts.rounds), "--compile", opts.compile]
     cmd += ["--memory-model", opts.memory_model, "--memory-batch", str(opts.memory_batch)]
+    cmd += ["--profile", str(opts.profile)]
     cmd += ["--model", opts.model] if opts.model else []
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -413,6 +504,13 @@ def main() -> None:
     p.add_argument(
         "--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name)"
     )
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="distill part: torch.profiler over N more steps of each side's last round (wall, device, host "
+        "ms per step; top operators in OUT/profile_*.txt)",
+    )
     p.add_argument("--memory-model", default="ViT-B-32")
     p.add_argument("--memory-batch", type=int, default=4)
     p.add_argument("--out", default=None)
@@ -440,6 +538,13 @@ def main() -> None:
                 f"samples/s | ratio {r['ratio']:.3f} (goal >= {goal}) | MFU {mfu[0]} / {mfu[1]} "
                 f"({r['device']}, peak {peak or '?'} TFLOP/s) [rounds trainer/baseline: {rounds}]"
             )
+            for side, pr in r.get("profile", {}).items():
+                busy = f"{pr['device_ms'] / pr['wall_ms']:.0%} busy" if pr["device_ms"] else "no device"
+                print(
+                    f"  profile {side:8s} {opts.profile} steps: {pr['wall_ms']:.1f} ms/step wall, device "
+                    f"{pr['device_ms']:.1f} ms ({busy}), host operators {pr['host_ms']:.1f} ms "
+                    f"(top operators: {out}/profile_{side}_rank0.txt)"
+                )
     if "memory" in parts:
         print(
             f"memory ({opts.memory_model}, batch {opts.memory_batch}/rank, contrastive, {opts.precision}, AdamW), per rank:"

@@ -4,8 +4,9 @@
 #       -> .gpu_deps/ (gitignored, ~20 MB): wheels the device lacks (open_clip_torch, webdataset, ...) and
 #          deepspeed's package folder (published as a source archive only; pure Python, ops JIT-built)
 #   on the device (device tool: carry [".gpu_deps"], timeout_s 600):  bash bench/gpu_check.sh
-#       -> prints a compact log; gpu_check.log and bench_job_{workers,device}.json land in $OUT
-# Step limits add up to ~565 s (install ~10 s); run it with timeout_s 600.
+#       -> prints a compact log; gpu_check.log, bench_job_{workers,device}.json and the trainer's and
+#          plain loop's profile_*.txt land in $OUT
+# Step limits add up to ~575 s (install ~10 s); run it with timeout_s 600.
 # Each step has its own time limit; a failing step is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,13 +51,15 @@ step() {  # step NAME LIMIT_S COMMAND...
 
 step "device input path tests" 30 python3 -m pytest -q -p no:cacheprovider tests/test_device_input.py
 # the trainer against the plain loop in three settings: DeepSpeed bf16 (bf16 weights, fp32 master copy)
-# vs amp_bf16 (fp32 weights, DeepSpeed's torch autocast, as the plain loop), torch.compile on vs off
-for variant in "bf16 on" "amp_bf16 on" "amp_bf16 off"; do
+# vs amp_bf16 (fp32 weights, DeepSpeed's torch autocast, as the plain loop), torch.compile on vs off;
+# the first (the default settings) also profiles 4 steps of each side: GPU busy share, top kernels
+for variant in "bf16 on 4 95" "amp_bf16 on 0 85" "amp_bf16 off 0 85"; do
   set -- $variant
-  step "bench_train distill, ViT-B-16, batch 256, $1, compile $2, ZeRO-1" 85 \
+  step "bench_train distill, ViT-B-16, batch 256, $1, compile $2, ZeRO-1" "$4" \
     python3 bench/bench_train.py --nproc 1 --parts distill --model ViT-B-16 --batch 256 --precision "$1" \
-    --compile "$2" --zero 1 --steps 15 --rounds 1 --out "$WORK/bench_train_$1_$2"
+    --compile "$2" --zero 1 --steps 15 --rounds 1 --profile "$3" --out "$WORK/bench_train_$1_$2"
 done
+cp "$WORK"/bench_train_bf16_on/profile_*.txt "$OUT/" 2>/dev/null
 # the real job, JPEGs decoded in 12 loader workers, then on the GPU (data.decode=device)
 for decode in workers device; do
   step "bench_job, ViT-B-16 -> half, 224 px, batch 256, 12 workers, decode $decode" 120 \
