@@ -106,10 +106,9 @@ def _student_teacher(cfg: dict):
 class Batches:
     """The trainer's loader protocol over a fixed list of in-memory batches (cycled)."""
 
-    def __init__(self, batches: list, on_batch=None):
+    def __init__(self, batches: list):
         self.batches = batches
         self.start = 0
-        self.on_batch = on_batch  # called as each batch is handed out (ProfileWindow)
 
     def __len__(self):
         return len(self.batches)
@@ -118,10 +117,7 @@ class Batches:
         self.start = start_step
 
     def __iter__(self):
-        for batch in self.batches[self.start :]:
-            if self.on_batch is not None:
-                self.on_batch()
-            yield batch
+        yield from self.batches[self.start :]
 
     # open_clip_train's DataInfo / dataloader attributes
     @property
@@ -131,67 +127,6 @@ class Batches:
     @property
     def num_samples(self):
         return sum(len(b[0]) for b in self.batches)
-
-
-class ProfileWindow:
-    """torch.profiler over `count` consecutive steps after `skip`, driven by one call per step (or per
-    batch handed out: the trainer's prefetcher takes each one a step early, which shifts the window
-    but not its length). The device is synchronised at both ends, so `wall` holds the queued work."""
-
-    def __init__(self, skip: int, count: int, device):
-        self.skip, self.count, self.device = skip, count, device
-        self.calls, self.prof, self.wall_s = 0, None, None
-
-    def _sync(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def __call__(self):
-        from torch.profiler import ProfilerActivity, profile
-
-        self.calls += 1
-        if self.calls == self.skip + 1:
-            cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
-            self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
-            self._sync()
-            self.prof.start()
-            self.t0 = time.perf_counter()
-        elif self.calls == self.skip + self.count + 1:
-            self._sync()
-            self.wall_s = time.perf_counter() - self.t0
-            self.prof.stop()
-
-    def summary(self, table: Path) -> dict:
-        """Per step: wall time, time the device was running kernels or copies (the union over streams;
-        busy = its share of the wall), and host time in operators (all threads); the top operators
-        go to `table`."""
-        if self.wall_s is None:
-            raise RuntimeError(
-                f"profile window not closed: {self.calls} calls of {self.skip + self.count + 1}"
-            )
-        from torch.autograd import DeviceType
-
-        spans = sorted(
-            (e.time_range.start, e.time_range.end)
-            for e in self.prof.events()
-            if e.device_type != DeviceType.CPU
-        )
-        device_us, end = 0, float("-inf")
-        for start, stop in spans:  # their union: kernels and copies on several streams overlap
-            device_us += max(0, stop - max(start, end))
-            end = max(end, stop)
-        device_s = device_us / 1e6
-        host_s = sum(e.self_cpu_time_total for e in self.prof.key_averages()) / 1e6
-        sort_by = "self_device_time_total" if device_s else "self_cpu_time_total"
-        table.write_text(self.prof.key_averages().table(sort_by=sort_by, row_limit=30))
-        n = self.count
-        return {
-            "wall_ms": 1e3 * self.wall_s / n,
-            "device_ms": 1e3 * device_s / n,
-            "host_ms": 1e3 * host_s / n,
-        }
 
 
 def _batches(n: int, batch: int, cfg: dict | str, rank: int, device) -> list:
@@ -214,7 +149,7 @@ def _batches(n: int, batch: int, cfg: dict | str, rank: int, device) -> list:
 
 def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, settings, info) -> float:
     """Steady-state samples/s as logged by the trainer: the second of its log windows (a third, partial
-    one holds the steps a ProfileWindow adds)."""
+    one holds the profiled steps, if any)."""
     from mope_dist.distill.trainer import train
 
     cfg, ds, batch = settings
@@ -234,16 +169,23 @@ def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, settings, in
     return windows[1]
 
 
-def _settings(opts, steps: int, batch: int, zero_stage: int | None = None, extra: int = 0):
+def _settings(opts, steps: int, batch: int, zero_stage: int | None = None, profile: int = 0):
     """(DistillConfig, DeepSpeedConfig, micro batch) of a trainer run: `steps` warm-up then `steps` timed,
-    one log window each, then `extra` steps (profiled); all four loss terms when the run has a teacher
-    (contrastive only without)."""
+    one log window each, then `profile` profiled steps (distill.profile_steps) and one more to close the
+    window; all four loss terms when the run has a teacher (contrastive only without)."""
     from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
 
     losses = LossWeights(contrastive=1.0, kd=1.0, kd_temperature=2.0, embed=100.0, hidden=1.0)
     compile_ = {"auto": None, "on": True, "off": False}[opts.compile]
     cfg = DistillConfig(
-        steps=2 * steps + extra, lr=1e-4, warmup_steps=2, log_every=steps, losses=losses, compile=compile_
+        steps=2 * steps + (profile + 1 if profile else 0),
+        profile_start=2 * steps,
+        profile_steps=profile,
+        lr=1e-4,
+        warmup_steps=2,
+        log_every=steps,
+        losses=losses,
+        compile=compile_,
     )
     zero = opts.zero if zero_stage is None else zero_stage
     return cfg, DeepSpeedConfig(zero_stage=zero, precision=opts.precision), batch
@@ -277,6 +219,7 @@ def part_distill(info, opts, out: Path) -> dict:
 
     from mope_dist.distill.losses import HiddenRecorder, make_loss
     from mope_dist.distill.optim import lr_at, make_optimizer, set_lr
+    from mope_dist.distill.profile import StepProfiler
     from mope_dist.model import train_flops_per_sample
 
     device, model = info.device, _arch(opts)
@@ -317,29 +260,28 @@ def part_distill(info, opts, out: Path) -> dict:
         torch.distributed.barrier()
         rate = opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
         if opts.profile and r == last:
-            window = profiles["baseline"] = ProfileWindow(0, opts.profile, device)
-            for step in range(2 * opts.steps, 2 * opts.steps + opts.profile):
-                window()
-                plain_step(step)
-            window()
+            profiler = StepProfiler(0, opts.profile, device, out / "profile_baseline" / "profile", info.rank)
+            for done in range(opts.profile + 1):
+                if (summary := profiler.before_step(done)) is None:
+                    plain_step(2 * opts.steps + done)
+            profiles["baseline"] = summary
         return rate
 
     def trainer(r) -> float:
         s, t = _student_teacher(model)
         if not (opts.profile and r == last):
             return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches), settings, info)
-        # the window opens one batch after the timed steps (the prefetcher may be a batch ahead)
-        window = profiles["trainer"] = ProfileWindow(2 * opts.steps + 1, opts.profile, device)
-        longer = _settings(opts, opts.steps, opts.batch, extra=opts.profile + 2)
-        return _trainer_samples_per_s(out / f"distill_{r}", s, t, Batches(batches, window), longer, info)
+        profiled = _settings(opts, opts.steps, opts.batch, profile=opts.profile)
+        rate = _trainer_samples_per_s(out / "profile_trainer", s, t, Batches(batches), profiled, info)
+        summary = out / "profile_trainer" / "profile" / f"summary_rank{info.rank}.json"
+        profiles["trainer"] = json.loads(summary.read_text())
+        return rate
 
     flops = train_flops_per_sample(student, teacher)
     base, ours = _alternate(opts, plain, trainer)
     result = {"trainer": ours, "baseline": base, "ratio": max(ours) / max(base), "flops_per_sample": flops}
     if profiles:
-        result["profile"] = {
-            k: w.summary(out / f"profile_{k}_rank{info.rank}.txt") for k, w in profiles.items()
-        }
+        result["profile"] = profiles
     return result
 
 
@@ -508,8 +450,8 @@ def main() -> None:
         "--profile",
         type=int,
         default=0,
-        help="distill part: torch.profiler over N more steps of each side's last round (wall, device, host "
-        "ms per step; top operators in OUT/profile_*.txt)",
+        help="distill part: torch.profiler over N more steps of each side's last round (wall, device busy, host "
+        "ms per step; top operators and a trace in OUT/profile_*/profile/)",
     )
     p.add_argument("--memory-model", default="ViT-B-32")
     p.add_argument("--memory-batch", type=int, default=4)
@@ -539,11 +481,11 @@ def main() -> None:
                 f"({r['device']}, peak {peak or '?'} TFLOP/s) [rounds trainer/baseline: {rounds}]"
             )
             for side, pr in r.get("profile", {}).items():
-                busy = f"{pr['device_ms'] / pr['wall_ms']:.0%} busy" if pr["device_ms"] else "no device"
+                busy = pr["device_busy_ms"]
                 print(
-                    f"  profile {side:8s} {opts.profile} steps: {pr['wall_ms']:.1f} ms/step wall, device "
-                    f"{pr['device_ms']:.1f} ms ({busy}), host operators {pr['host_ms']:.1f} ms "
-                    f"(top operators: {out}/profile_{side}_rank0.txt)"
+                    f"  profile {side:8s} {pr['steps']} steps: {pr['wall_ms']:.1f} ms/step wall, device busy "
+                    f"{busy:.1f} ms ({busy / pr['wall_ms']:.0%}), host operators {pr['host_ops_ms']:.1f} ms "
+                    f"(top operators, trace: {out}/profile_{side}/profile/)"
                 )
     if "memory" in parts:
         print(

@@ -5,7 +5,7 @@
 #          deepspeed's package folder (published as a source archive only; pure Python, ops JIT-built)
 #   on the device (device tool: carry [".gpu_deps"], timeout_s 600):  bash bench/gpu_check.sh
 #       -> prints a compact log; gpu_check.log, bench_job_{workers,device}.json and the trainer's and
-#          plain loop's profile_*.txt land in $OUT
+#          plain loop's profile_ops_*.txt land in $OUT
 # Step limits add up to ~575 s (install ~10 s); run it with timeout_s 600.
 # Each step has its own time limit; a failing step is reported and the next one still runs.
 set -uo pipefail
@@ -59,7 +59,9 @@ for variant in "bf16 on 4 95" "amp_bf16 on 0 85" "amp_bf16 off 0 85"; do
     python3 bench/bench_train.py --nproc 1 --parts distill --model ViT-B-16 --batch 256 --precision "$1" \
     --compile "$2" --zero 1 --steps 15 --rounds 1 --profile "$3" --out "$WORK/bench_train_$1_$2"
 done
-cp "$WORK"/bench_train_bf16_on/profile_*.txt "$OUT/" 2>/dev/null
+for side in trainer baseline; do  # top operators by GPU time; the traces stay on the device (large)
+  cp "$WORK/bench_train_bf16_on/profile_$side/profile/ops_rank0.txt" "$OUT/profile_ops_$side.txt" 2>/dev/null
+done
 # the real job, JPEGs decoded in 12 loader workers, then on the GPU (data.decode=device)
 for decode in workers device; do
   step "bench_job, ViT-B-16 -> half, 224 px, batch 256, 12 workers, decode $decode" 120 \

@@ -157,6 +157,11 @@ class DistillConfig:
     # below the scheduler's kill delay (SLURM KillWait, k8s terminationGracePeriodSeconds: 30 s by
     # default). 0: exit at once without a checkpoint.
     preempt_grace_s: float = 25.0
+    # torch.profiler over steps profile_start+1 .. profile_start+profile_steps (0: off): top operators,
+    # a per-step summary (wall, device busy, host ms) and a trace in <output>/profile/. Those steps run
+    # slower than the rest (the device is synchronised around them, the profiler records).
+    profile_steps: int = 0
+    profile_start: int = 20
 
 
 @dataclass
@@ -330,7 +335,10 @@ def _validate_distill(cfg: Config, fail) -> None:
         cfg,
         fail,
         positive=tuple(f"distill.{k}" for k in positive),
-        non_negative=("distill.warmup_steps", "distill.eval_every", "distill.preempt_grace_s"),
+        non_negative=tuple(
+            f"distill.{k}"
+            for k in ("warmup_steps", "eval_every", "preempt_grace_s", "profile_steps", "profile_start")
+        ),
     )
     if cfg.data.batch_size % d.grad_accum:
         fail(

@@ -1,5 +1,5 @@
 """Single-process pieces of the trainer: param groups, LR schedule, DS config, the loss from the config,
-checkpoint manager, mirror, metrics log, hidden-state recorder."""
+checkpoint manager, mirror, metrics log and window, hidden-state recorder, step profiler."""
 
 import json
 import math
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
+from mope_dist.distill import metrics
 from mope_dist.distill.checkpoint import MARKER, CheckpointManager, Mirror, step_tag
 from mope_dist.distill.losses import HiddenRecorder, make_loss
-from mope_dist.distill.metrics import MetricsLog
+from mope_dist.distill.metrics import MetricsLog, MetricWindow
 from mope_dist.distill.optim import build_ds_config, lr_at, param_groups
+from mope_dist.distill.profile import StepProfiler, busy_us
 
 
 @pytest.fixture
@@ -161,6 +163,55 @@ def test_metrics_log_forgets_steps_after_the_resumed_checkpoint(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(x["step"], x["loss/total"]) for x in lines] == [(1, 1.0), (2, 2.0), (3, 30.0)]
     assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_window_throughput_leaves_out_paused_time_only(monkeypatch):
+    """A checkpoint mid-window: the steps before it still count with their time (resetting the clock
+    there used to drop that time and overstate samples/s)."""
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    window = MetricWindow()  # t0 = 0
+    for t in (2.0, 4.0):  # two 2 s steps
+        now[0] = t
+        window.add_step({}, 1)
+    with window.paused():  # a 10 s checkpoint
+        now[0] += 10.0
+    now[0] += 2.0  # a third 2 s step
+    window.add_step({}, 1)
+    m = window.summary(global_batch=8, world=1, loader=None, device=torch.device("cpu"))
+    assert m["perf/step_time_s"] == pytest.approx(2.0) and m["perf/samples_per_s"] == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_busy_time_is_the_union_of_overlapping_spans(seed):
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, 90, (12,), generator=g).tolist()
+    spans = [(a, a + int(torch.randint(1, 15, (1,), generator=g))) for a in starts]
+    covered = {t for a, b in spans for t in range(a, b)}  # naive: count the covered unit cells
+    assert busy_us([(float(a), float(b)) for a, b in spans]) == len(covered)
+
+
+def test_step_profiler_profiles_its_window_only(tmp_path):
+    """Steps 3-4 of 6: the summary comes back at the top of step 5, the files hold those steps' ops."""
+    profiler = StepProfiler(2, 2, torch.device("cpu"), tmp_path / "profile")
+    a = torch.randn(64, 64)
+    returned = []
+    for done in range(6):
+        returned.append(profiler.before_step(done))
+        if done in (2, 3):
+            a.mm(a).relu()
+        else:
+            a.add(a).sigmoid()
+    profiler.close()
+    assert [r is not None for r in returned] == [False] * 4 + [True, False]
+    summary = returned[4]
+    assert summary["steps"] == 2 and summary["wall_ms"] > 0 and summary["device_busy_ms"] == 0
+    assert json.loads((tmp_path / "profile" / "summary_rank0.json").read_text()) == summary
+    ops = (tmp_path / "profile" / "ops_rank0.txt").read_text()
+    assert "aten::mm" in ops and "aten::relu" in ops and "aten::sigmoid" not in ops
+    assert (tmp_path / "profile" / "trace_rank0.json.gz").stat().st_size > 0
+    off = StepProfiler(0, 0, torch.device("cpu"), tmp_path / "off")
+    assert all(off.before_step(d) is None for d in range(3)) and not (tmp_path / "off").exists()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

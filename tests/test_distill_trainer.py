@@ -5,6 +5,7 @@ non-finite loss / gradient skipping. One `torchrun` launch of this file runs eve
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -189,8 +190,15 @@ def suite_resume(out: Path, info, record):
         )
         return result, student
 
-    # 5 steps x 2 micro-batches = 10 batches: crosses the epoch boundary (6 per epoch)
-    full, full_model = run("full", loader_full := RandomLoader(info.rank))
+    # 5 steps x 2 micro-batches = 10 batches: crosses the epoch boundary (6 per epoch); steps 2-3 profiled
+    full, full_model = run("full", loader_full := RandomLoader(info.rank), profile_start=1, profile_steps=2)
+    profile = out / "full" / "profile"
+    record["profile_files"] = sorted(p.name for p in profile.iterdir())
+    record["profile_summary"] = json.loads((profile / f"summary_rank{info.rank}.json").read_text())
+    record["profile_ops"] = (profile / f"ops_rank{info.rank}.txt").read_text()
+    if info.is_main:  # the trace opens as Chrome/Perfetto JSON
+        trace = json.loads(gzip.decompress((profile / "trace_rank0.json.gz").read_bytes()))
+        record["profile_trace_ops"] = sum(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
     try:  # crash inside step 3's window, after the step-2 checkpoint
         run("crashed", RandomLoader(info.rank, crash_at=(0, 5)))
         record["crashed"] = False
@@ -353,6 +361,26 @@ def test_resume_continues_exactly(results):
         assert r["resumed_consumed"] == r["full_consumed"][4:]
     assert r0["resumed_log"] == pytest.approx(r0["full_log"], rel=1e-5)
     assert r0["resumed_tags"] == ["latest", "step_00000004", "step_00000005"]
+
+
+def test_profile_window_writes_ops_summary_and_trace_without_changing_training(results):
+    """distill.profile_steps: steps 2-3 of the uninterrupted run were profiled on both ranks, and that run
+    still matches the resumed, unprofiled one (test_resume_continues_exactly)."""
+    files = results[0]["profile_files"]
+    assert files == [
+        "ops_rank0.txt",
+        "ops_rank1.txt",
+        "summary_rank0.json",
+        "summary_rank1.json",
+        "trace_rank0.json.gz",
+    ]
+    for r in results:
+        s = r["profile_summary"]
+        assert (
+            s["steps"] == 2 and s["wall_ms"] > 0 and 0 < s["host_ops_ms"] and s["device_busy_ms"] == 0
+        )  # CPU
+        assert "Optimizer.step#" in r["profile_ops"] and "aten::" in r["profile_ops"]  # whole steps
+    assert results[0]["profile_trace_ops"] > 100
 
 
 def test_non_finite_loss_is_skipped_and_counted(results):

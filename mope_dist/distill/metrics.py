@@ -3,6 +3,7 @@ each), and the rank-0 log: TensorBoard scalars, output_dir/metrics.jsonl, one co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -86,12 +87,18 @@ class MetricWindow:
     def restart(self) -> None:
         self.sums: dict = {}
         self.micro = self.steps = 0
-        self.data_wait = 0.0
-        self.restart_clock()
-
-    def restart_clock(self) -> None:
-        """Evaluation and checkpoint time is not training throughput."""
+        self.data_wait = self.paused_s = 0.0
         self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Evaluation, checkpoint and profiling time is not training throughput: left out of the
+        window's wall time (the steps before and after it in the window still count)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
 
     def add_step(self, step_sums: dict, micro_batches: int) -> None:
         for k, v in step_sums.items():
@@ -102,7 +109,7 @@ class MetricWindow:
     def summary(self, global_batch: int, world: int, loader, device: torch.device) -> dict:
         """Loss terms and data wait averaged over ranks, throughput, and the loader's skip counters
         summed over ranks. Collective."""
-        elapsed = time.perf_counter() - self.t0
+        elapsed = time.perf_counter() - self.t0 - self.paused_s
         local = {f"loss/{k}": v / max(1, self.micro) for k, v in self.sums.items()}
         local["perf/data_wait_s"] = self.data_wait / self.steps
         m = {k: v / world for k, v in reduce_sum(local, device).items()}

@@ -50,6 +50,7 @@ from mope_dist.distill.losses import DistillLoss, HiddenRecorder, clip_outputs, 
 from mope_dist.distill.metrics import MetricsLog, MetricWindow, flat_numbers, format_line
 from mope_dist.distill.optim import lr_at, set_lr
 from mope_dist.distill.preempt import Preemption
+from mope_dist.distill.profile import StepProfiler
 from mope_dist.errors import JobError
 from mope_dist.model.runtime import eval_mode
 from mope_dist.utils import get_logger
@@ -115,12 +116,19 @@ def train(
     run.metrics = MetricsLog(out, resume_step=state.step) if main else None
     window, last_eval = MetricWindow(), {}
     preemption = Preemption(cfg.preempt_grace_s)  # collective; armed before the loader forks workers
+    profiler = StepProfiler(cfg.profile_start, cfg.profile_steps, run.device, out / "profile", dist_info.rank)
     try:
         if evaluate is not None and run.teacher is not None and state.step == 0:
             _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
         stream = LoaderStream(loader, state)
         batches = iter(DevicePrefetcher(stream, run.device, normalize, run.input_dtype))
         while state.step < cfg.steps:
+            with window.paused():  # starting or ending a profile window syncs the device and writes files
+                profiled = profiler.before_step(state.step)
+            if profiled is not None and main:
+                log.info(
+                    f"profile of {profiled['steps']} steps: {profiled} (top operators, trace: {out / 'profile'})"
+                )
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             step = _step(run, batches, state, window)
             if not step.applied:  # the same decision on every rank
@@ -135,17 +143,18 @@ def train(
             if _due(state.step, cfg.log_every) or last:
                 _log(run, state, window, step, max_skip_rate)
             if evaluate is not None and (_due(state.step, cfg.eval_every) or last):
-                last_eval = _evaluate(run, evaluate, run.engine.module, state.step, "eval", "eval")
-                window.restart_clock()
+                with window.paused():
+                    last_eval = _evaluate(run, evaluate, run.engine.module, state.step, "eval", "eval")
             saved = _due(state.step, cfg.ckpt_every) or last
             if saved:
-                _save(run, state)
-                window.restart_clock()
+                with window.paused():
+                    _save(run, state)
             if preemption.stop_requested():  # collective: SIGTERM on any rank, agreed one step later
                 if not saved:
                     _save(run, state)
                 raise preemption.stopped(run.ckpt.dir / step_tag(state.step))
     finally:
+        profiler.close()
         preemption.close()
         run.close()
         if mirror is not None:
