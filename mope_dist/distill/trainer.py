@@ -127,7 +127,9 @@ def train(
                 profiled = profiler.before_step(state.step)
             if profiled is not None and main:
                 log.info(
-                    f"profile of {profiled['steps']} steps: {profiled} (top operators, trace: {out / 'profile'})"
+                    f"profile of {profiled['steps']} steps: {profiled['wall_ms']:.1f} ms/step, device busy "
+                    f"{profiled['device_busy_ms']:.1f} ms, host operators {profiled['host_ops_ms']:.1f} ms; "
+                    f"top operators and trace in {out / 'profile'}"
                 )
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             step = _step(run, batches, state, window)
