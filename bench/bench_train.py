@@ -18,8 +18,9 @@ on the same batches, after warm-up steps, over the same number of timed steps, i
 
 `--model NAME` runs the throughput parts on any open_clip model (random weights, nothing downloaded)
 instead of the built-in mid-size CLIP; `--model tiny` runs a CLIP so small that a step is nearly all
-host work, so its ratio is the trainer's per-step host overhead over the plain loop. MFU (model FLOPs utilisation) is printed beside each side: the
-analytic FLOPs per sample (mope_dist.model.train_flops_per_sample) x samples/s over the device's peak
+host work, so its ratio is the trainer's per-step host overhead over the plain loop. `--compile`
+applies to both sides (the baselines compile when the trainer does). MFU (model FLOPs utilisation) is
+printed beside each side: the analytic FLOPs per sample (mope_dist.model.train_flops_per_sample) x samples/s over the device's peak
 (`--peak-tflops`, default from PEAK_TFLOPS by the GPU's name; none on CPU).
 """
 
@@ -202,6 +203,14 @@ def _autocast(opts, device):
     return contextlib.nullcontext()
 
 
+def _compile_like_the_trainer(opts, device, *modules) -> None:
+    """The baselines compile (in place) when the trainer does (distill.compile; auto: on with CUDA), so
+    each ratio compares compiled with compiled, or with --compile off eager with eager."""
+    if {"on": True, "off": False}.get(opts.compile, device.type == "cuda"):
+        for module in modules:
+            module.compile()
+
+
 def _alternate(opts, baseline, trainer) -> tuple[list[float], list[float]]:
     """Run baseline(round) and trainer(round) `opts.rounds` times each, alternating which goes first:
     the load of a shared machine drifts, so each side reports its best round."""
@@ -233,6 +242,7 @@ def part_distill(info, opts, out: Path) -> dict:
     teacher.to(device, torch.bfloat16 if device.type == "cuda" else torch.float32).requires_grad_(False)
     loss_fn = make_loss(cfg, student, teacher)
     s_rec, t_rec = HiddenRecorder(student), HiddenRecorder(teacher)
+    _compile_like_the_trainer(opts, device, student, teacher)
     ddp = DDP(student, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = make_optimizer(student, cfg)
 
@@ -323,6 +333,7 @@ def part_openclip(info, opts, out: Path) -> dict:
     )  # fmt: skip
     data = {"train": SimpleNamespace(dataloader=Batches(batches), set_epoch=lambda epoch: None)}
     ddp = DDP(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    _compile_like_the_trainer(opts, info.device, ddp)  # open_clip_train --torchcompile compiles the DDP model
 
     def open_clip_train(r) -> float:
         train_one_epoch(ddp, data, loss, 2 * r, optimizer, None, scheduler, None, oc_args)  # warm-up epoch
@@ -436,7 +447,7 @@ def main() -> None:
         "--compile",
         default="auto",
         choices=["auto", "on", "off"],
-        help="trainer's distill.compile (auto: on GPU)",
+        help="torch.compile of both sides: the trainer's distill.compile, the baselines' models (auto: on GPU)",
     )
     p.add_argument(
         "--model",
