@@ -172,14 +172,13 @@ def _trainer_samples_per_s(out_dir: Path, student, teacher, loader, settings, in
 
 def _settings(opts, steps: int, batch: int, zero_stage: int | None = None, profile: int = 0):
     """(DistillConfig, DeepSpeedConfig, micro batch) of a trainer run: `steps` warm-up then `steps` timed,
-    one log window each, then `profile` profiled steps (distill.profile_steps) and one more to close the
-    window; all four loss terms when the run has a teacher (contrastive only without)."""
+    one log window each, then `profile` profiled steps (distill.profile_steps); all four loss terms when the run has a teacher (contrastive only without)."""
     from mope_dist.config import DeepSpeedConfig, DistillConfig, LossWeights
 
     losses = LossWeights(contrastive=1.0, kd=1.0, kd_temperature=2.0, embed=100.0, hidden=1.0)
     compile_ = {"auto": None, "on": True, "off": False}[opts.compile]
     cfg = DistillConfig(
-        steps=2 * steps + (profile + 1 if profile else 0),
+        steps=2 * steps + profile,
         profile_start=2 * steps,
         profile_steps=profile,
         lr=1e-4,
@@ -271,10 +270,11 @@ def part_distill(info, opts, out: Path) -> dict:
         rate = opts.steps * opts.batch * info.world_size / (time.perf_counter() - t0)
         if opts.profile and r == last:
             profiler = StepProfiler(0, opts.profile, device, out / "profile_baseline" / "profile", info.rank)
-            for done in range(opts.profile + 1):
-                if (summary := profiler.before_step(done)) is None:
-                    plain_step(2 * opts.steps + done)
-            profiles["baseline"] = summary
+            profiler.open()
+            for step in range(2 * opts.steps, 2 * opts.steps + opts.profile):
+                profiler.step_started()
+                plain_step(step)
+            profiles["baseline"] = profiler.close_window()
         return rate
 
     def trainer(r) -> float:

@@ -340,6 +340,12 @@ def _validate_distill(cfg: Config, fail) -> None:
             for k in ("warmup_steps", "eval_every", "preempt_grace_s", "profile_steps", "profile_start")
         ),
     )
+    if d.profile_steps and d.profile_start + d.profile_steps > d.steps:
+        fail(
+            "distill.profile_steps",
+            f"steps {d.profile_start + 1}-{d.profile_start + d.profile_steps} are not all in a run of "
+            f"distill.steps={d.steps}: lower distill.profile_start",
+        )
     if cfg.data.batch_size % d.grad_accum:
         fail(
             "data.batch_size", f"{cfg.data.batch_size} is not divisible by distill.grad_accum={d.grad_accum}"

@@ -68,6 +68,12 @@ def test_resolved_config_round_trips(recipe, tmp_path):
         (["data.decode=device", "data.image_dtype=float32"], "data.decode", "the command line"),
         (["deepspeed.precision=amp_fp16"], "deepspeed.precision", "the command line"),
         (["prune.width_multiple=0"], "prune.width_multiple", "the command line"),
+        (["distill.profile_steps=-1"], "distill.profile_steps", "the command line"),
+        (
+            ["distill.profile_steps=4", "distill.profile_start=1000000"],
+            "distill.profile_steps",
+            "the command line",
+        ),
     ],
 )
 def test_each_error_names_key_and_source(recipe, override, key, source):

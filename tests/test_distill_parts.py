@@ -174,7 +174,7 @@ def test_window_throughput_leaves_out_paused_time_only(monkeypatch):
     for t in (2.0, 4.0):  # two 2 s steps
         now[0] = t
         window.add_step({}, 1)
-    with window.paused():  # a 10 s checkpoint
+    with window.paused(torch.device("cpu")):  # a 10 s checkpoint
         now[0] += 10.0
     now[0] += 2.0  # a third 2 s step
     window.add_step({}, 1)
@@ -192,26 +192,45 @@ def test_busy_time_is_the_union_of_overlapping_spans(seed):
 
 
 def test_step_profiler_profiles_its_window_only(tmp_path):
-    """Steps 3-4 of 6: the summary comes back at the top of step 5, the files hold those steps' ops."""
+    """Window over steps 3-4 of 6, driven as the trainer does; step 4 is tried twice (a skipped step):
+    per-step figures are over the 3 iterations, the files hold those iterations' ops only."""
     profiler = StepProfiler(2, 2, torch.device("cpu"), tmp_path / "profile")
     a = torch.randn(64, 64)
-    returned = []
-    for done in range(6):
-        returned.append(profiler.before_step(done))
+    done, summaries, opened = 0, {}, []
+    for attempt in range(7):
+        if profiler.opens_at(done):
+            profiler.open()
+            opened.append(done)
+        profiler.step_started()
         if done in (2, 3):
             a.mm(a).relu()
         else:
             a.add(a).sigmoid()
+        if attempt == 3:  # step 4's first try is skipped: steps done stays 3
+            continue
+        done += 1
+        if profiler.closes_at(done):
+            summaries[done] = profiler.close_window()
     profiler.close()
-    assert [r is not None for r in returned] == [False] * 4 + [True, False]
-    summary = returned[4]
-    assert summary["steps"] == 2 and summary["wall_ms"] > 0 and summary["device_busy_ms"] == 0
+    assert opened == [2] and list(summaries) == [4]
+    summary = summaries[4]
+    assert summary["steps"] == 3 and summary["wall_ms"] > 0 and summary["device_busy_ms"] == 0
+    assert summary["host_ops_ms"] > 0
     assert json.loads((tmp_path / "profile" / "summary_rank0.json").read_text()) == summary
     ops = (tmp_path / "profile" / "ops_rank0.txt").read_text()
     assert "aten::mm" in ops and "aten::relu" in ops and "aten::sigmoid" not in ops
     assert (tmp_path / "profile" / "trace_rank0.json.gz").stat().st_size > 0
     off = StepProfiler(0, 0, torch.device("cpu"), tmp_path / "off")
-    assert all(off.before_step(d) is None for d in range(3)) and not (tmp_path / "off").exists()
+    assert not any(off.opens_at(d) for d in range(3)) and not off.closes_at(0)
+
+
+def test_step_profiler_cut_short_writes_nothing(tmp_path):
+    profiler = StepProfiler(0, 5, torch.device("cpu"), tmp_path / "profile")
+    profiler.open()
+    profiler.step_started()
+    profiler.close()  # training ended inside the window
+    profiler.close()
+    assert profiler.prof is None and not (tmp_path / "profile").exists()
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -91,9 +91,12 @@ class MetricWindow:
         self.t0 = time.perf_counter()
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self, device: torch.device):
         """Evaluation, checkpoint and profiling time is not training throughput: left out of the
-        window's wall time (the steps before and after it in the window still count)."""
+        window's wall time (the steps before and after it in the window still count). The device
+        finishes the work those steps queued first, so that it is counted as theirs."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         t = time.perf_counter()
         try:
             yield

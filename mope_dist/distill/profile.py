@@ -1,11 +1,13 @@
 """A torch.profiler window over a few training steps (distill.profile_steps): where a step's time goes,
 on the device and on the host, without profiling the rest of the run.
 
-The window opens after `start` steps (past torch.compile and the first allocations) and closes
-`count` steps later, the device synchronised at both ends so that its wall time holds the work queued
-in it. It then writes, per rank: `ops_rank{r}.txt` (top operators by device time, or host time on a
-CPU), `summary_rank{r}.json` (per step: wall ms, ms the device was busy with kernels or copies, host
-ms in operators), and, on rank 0, `trace_rank0.json.gz` for Perfetto or chrome://tracing.
+The window opens after `start` steps (past torch.compile and the first allocations) and closes once
+`count` more steps are done, before that step's logging, evaluation or checkpoint; the device is
+synchronised at both ends so that the wall time holds the work queued in it. It then writes, per rank:
+`ops_rank{r}.txt` (top operators by device time, or host time on a CPU), `summary_rank{r}.json` (per
+step: wall ms, ms the device was busy with kernels, copies or memsets, host ms in operators and
+runtime calls other than synchronisations), and, on rank 0, `trace_rank0.json.gz` for Perfetto or
+chrome://tracing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from mope_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mope_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger
+
+log = get_logger("mope_dist.distill")
 
 
 def busy_us(spans: list[tuple[float, float]]) -> float:
@@ -30,69 +34,78 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
 
 
 class StepProfiler:
-    """Profiles steps start+1 .. start+count. Call `before_step(steps_done)` at the top of every step;
-    it returns the window's summary at the step that closes it, else None."""
+    """Profiles steps start+1 .. start+count. The training loop asks `opens_at(steps_done)` before a
+    step (then `open()`), calls `step_started()` at every iteration (skipped steps included: they cost
+    time too), and asks `closes_at(steps_done)` after a step is done (then `close_window()`)."""
 
     def __init__(self, start: int, count: int, device: torch.device, out_dir: Path | None, rank: int = 0):
         self.start, self.count, self.device = start, count, device
         self.out_dir, self.rank = out_dir, rank
-        self.prof, self.t0 = None, 0.0
+        self.prof, self.t0, self.iterations = None, 0.0, 0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def before_step(self, steps_done: int) -> dict | None:
-        if not self.count:
-            return None
-        if steps_done == self.start and self.prof is None:
-            from torch.profiler import ProfilerActivity, profile
+    def opens_at(self, steps_done: int) -> bool:
+        return bool(self.count) and self.prof is None and steps_done == self.start
 
-            cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
-            self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
-            self._sync()
-            self.prof.start()
-            self.t0 = time.perf_counter()
-        elif steps_done == self.start + self.count and self.prof is not None:
-            self._sync()
-            wall_s = time.perf_counter() - self.t0
-            self.prof.stop()
-            summary = self._summary(wall_s)
-            self.prof = None
-            return summary
-        return None
+    def open(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
+        self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
+        self._sync()
+        self.prof.start()
+        self.t0, self.iterations = time.perf_counter(), 0
+
+    def step_started(self) -> None:
+        if self.prof is not None:
+            self.iterations += 1
+
+    def closes_at(self, steps_done: int) -> bool:
+        return self.prof is not None and steps_done == self.start + self.count
+
+    def close_window(self) -> dict:
+        """Stop profiling; -> the per-step summary (also written with the tables and the trace)."""
+        self._sync()
+        wall_s = time.perf_counter() - self.t0
+        prof, self.prof = self.prof, None
+        prof.stop()
+        return self._summary(prof, wall_s)
 
     def close(self) -> None:
-        """Stop a window that training ended inside (last step, preemption): nothing is written."""
+        """At the end of training: stop a window cut short (last step, preemption, an error), writing
+        nothing and never raising over the error that may be on its way."""
         if self.prof is not None:
-            self.prof.stop()
-            self.prof = None
+            prof, self.prof = self.prof, None
+            try:
+                prof.stop()
+            except Exception as exc:  # e.g. a CUDA error that also ended training
+                log.warning(f"profiler could not be stopped: {exc}")
 
-    def _summary(self, wall_s: float) -> dict:
+    def _summary(self, prof, wall_s: float) -> dict:
         from torch.autograd import DeviceType
 
-        events = self.prof.events()
-        device_us = busy_us(
-            [(e.time_range.start, e.time_range.end) for e in events if e.device_type != DeviceType.CPU]
-        )
-        averages = self.prof.key_averages()
-        host_us = sum(e.self_cpu_time_total for e in averages)
-        n = self.count
+        events = prof.events()
+        device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
+        device_us = busy_us([(e.time_range.start, e.time_range.end) for e in device])
+        host = [e for e in events if e.device_type == DeviceType.CPU and "Synchronize" not in e.name]
+        n = max(1, self.iterations)
         summary = {
             "steps": n,
             "wall_ms": 1e3 * wall_s / n,
             "device_busy_ms": device_us / 1e3 / n,
-            "host_ops_ms": host_us / 1e3 / n,
+            "host_ops_ms": sum(e.self_cpu_time_total for e in host) / 1e3 / n,
         }
         if self.out_dir is not None:
             sort_by = "self_device_time_total" if device_us else "self_cpu_time_total"
-            atomic_write_text(
-                self.out_dir / f"ops_rank{self.rank}.txt", averages.table(sort_by=sort_by, row_limit=40)
-            )
+            table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
+            atomic_write_text(self.out_dir / f"ops_rank{self.rank}.txt", table)
             atomic_write_json(self.out_dir / f"summary_rank{self.rank}.json", summary)
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    self.prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
-                    data = gzip.compress((Path(tmp) / "trace.json").read_bytes())
+                    prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
+                    data = gzip.compress((Path(tmp) / "trace.json").read_bytes(), compresslevel=1)
                 atomic_write_bytes(self.out_dir / "trace_rank0.json.gz", data)
         return summary

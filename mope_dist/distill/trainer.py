@@ -117,20 +117,22 @@ def train(
     window, last_eval = MetricWindow(), {}
     preemption = Preemption(cfg.preempt_grace_s)  # collective; armed before the loader forks workers
     profiler = StepProfiler(cfg.profile_start, cfg.profile_steps, run.device, out / "profile", dist_info.rank)
+    if cfg.profile_steps and state.step > cfg.profile_start and main:
+        log.warning(
+            f"distill.profile_steps: this run resumed at step {state.step}, past distill.profile_start="
+            f"{cfg.profile_start}: nothing is profiled"
+        )
     try:
         if evaluate is not None and run.teacher is not None and state.step == 0:
-            _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
+            with window.paused(run.device):
+                _evaluate(run, evaluate, run.teacher, 0, "eval_teacher", "teacher eval")
         stream = LoaderStream(loader, state)
         batches = iter(DevicePrefetcher(stream, run.device, normalize, run.input_dtype))
         while state.step < cfg.steps:
-            with window.paused():  # starting or ending a profile window syncs the device and writes files
-                profiled = profiler.before_step(state.step)
-            if profiled is not None and main:
-                log.info(
-                    f"profile of {profiled['steps']} steps: {profiled['wall_ms']:.1f} ms/step, device busy "
-                    f"{profiled['device_busy_ms']:.1f} ms, host operators {profiled['host_ops_ms']:.1f} ms; "
-                    f"top operators and trace in {out / 'profile'}"
-                )
+            if profiler.opens_at(state.step):
+                with window.paused(run.device):
+                    profiler.open()
+            profiler.step_started()
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             step = _step(run, batches, state, window)
             if not step.applied:  # the same decision on every rank
@@ -141,15 +143,18 @@ def train(
             state.samples_seen += run.global_batch
             window.add_step(step.sums, cfg.grad_accum)
             dist.note_progress(step=state.step)
+            if profiler.closes_at(state.step):  # before this step's logging, evaluation and checkpoint
+                with window.paused(run.device):
+                    _report_profile(profiler.close_window(), out / "profile", main)
             last = state.step == cfg.steps
             if _due(state.step, cfg.log_every) or last:
                 _log(run, state, window, step, max_skip_rate)
             if evaluate is not None and (_due(state.step, cfg.eval_every) or last):
-                with window.paused():
+                with window.paused(run.device):
                     last_eval = _evaluate(run, evaluate, run.engine.module, state.step, "eval", "eval")
             saved = _due(state.step, cfg.ckpt_every) or last
             if saved:
-                with window.paused():
+                with window.paused(run.device):
                     _save(run, state)
             if preemption.stop_requested():  # collective: SIGTERM on any rank, agreed one step later
                 if not saved:
@@ -163,6 +168,15 @@ def train(
             mirror.sync(["metrics.jsonl", "tensorboard"])
             mirror.close()
     return TrainResult(run.engine, state, last_eval)
+
+
+def _report_profile(summary: dict, where: Path, main: bool) -> None:
+    if main:
+        log.info(
+            f"profile of {summary['steps']} steps: {summary['wall_ms']:.1f} ms/step, device busy "
+            f"{summary['device_busy_ms']:.1f} ms, host operators {summary['host_ops_ms']:.1f} ms; "
+            f"top operators and trace in {where}"
+        )
 
 
 def _due(step: int, every: int) -> bool:
