@@ -4,10 +4,10 @@ on the device and on the host, without profiling the rest of the run.
 The window opens after `start` steps (past torch.compile and the first allocations) and closes once
 `count` more steps are done, before that step's logging, evaluation or checkpoint; the device is
 synchronised at both ends so that the wall time holds the work queued in it. It then writes, per rank:
-`ops_rank{r}.txt` (top operators by device time, or host time on a CPU), `summary_rank{r}.json` (per
-step: wall ms, ms the device was busy with kernels, copies or memsets, host ms in operators and
-runtime calls other than synchronisations), and, on rank 0, `trace_rank0.json.gz` for Perfetto or
-chrome://tracing.
+`ops_rank{r}.txt` (top operators by device time, then by host time, where the host's synchronisations
+show), `summary_rank{r}.json` (per step: wall ms, ms the device was busy with kernels, copies or
+memsets, host ms in operators and runtime calls other than synchronisations), and, on rank 0,
+`trace_rank0.json.gz` for Perfetto or chrome://tracing.
 """
 
 from __future__ import annotations
@@ -99,9 +99,13 @@ class StepProfiler:
             "host_ops_ms": sum(e.self_cpu_time_total for e in host) / 1e3 / n,
         }
         if self.out_dir is not None:
-            sort_by = "self_device_time_total" if device_us else "self_cpu_time_total"
-            table = prof.key_averages().table(sort_by=sort_by, row_limit=40)
-            atomic_write_text(self.out_dir / f"ops_rank{self.rank}.txt", table)
+            averages = prof.key_averages()
+            orders = ["self_device_time_total"] if device_us else []
+            tables = [
+                f"by {o}:\n{averages.table(sort_by=o, row_limit=40)}"
+                for o in [*orders, "self_cpu_time_total"]
+            ]
+            atomic_write_text(self.out_dir / f"ops_rank{self.rank}.txt", "\n".join(tables))
             atomic_write_json(self.out_dir / f"summary_rank{self.rank}.json", summary)
             if self.rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
