@@ -1,11 +1,14 @@
-"""Where the training step waits for the GPU: host syncs inside train(), by call site (CUDA only).
+"""Where the training step waits for the GPU: host syncs inside train(), by call site.
 
     python bench/sync_check.py [--steps 8] [--zero 1] [--precision bf16] [--compile off]
+    DS_ACCELERATOR=cpu python bench/sync_check.py --compile off   # the same calls, found on a CPU
 
 Runs train() (distillation, all four losses) on bench_train.py's mid-size CLIP pair with in-memory
-batches under `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that blocks the
-host on the device (.item(), .tolist(), non-pinned copies to the host, ...). Each warning is attributed
-to the innermost frame in mope_dist, deepspeed or torch.nn; a call site counted about once per step is
+batches. On CUDA, under `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that
+blocks the host on the device (.item(), .tolist(), non-pinned copies to the host, ...); each warning is
+attributed to the innermost frame in mope_dist, deepspeed or torch.nn. On a CPU, under
+mope_dist.distill.profile.HostSyncCounter, which counts the operations that would block on a GPU
+(reading values, data-dependent shapes; eager code only). A call site counted about once per step is
 a sync in every step, which keeps the host from queueing the next step's work while the GPU is busy.
 Counting runs from the end of the first step to the end of the last (the trainer's
 `dist.note_progress(step=)` calls), so engine set-up, the first step's one-off work (torch.compile's
@@ -54,28 +57,40 @@ def main() -> None:
     import torch
 
     from mope_dist import dist
+    from mope_dist.distill.profile import HostSyncCounter
     from mope_dist.distill.trainer import train
 
-    if not torch.cuda.is_available():
-        sys.exit("sync_check: needs a CUDA device")
     info = dist.init_distributed(use_deepspeed=True)
+    cuda = info.device.type == "cuda"
+    if not cuda and opts.compile == "on":
+        p.error("--compile on: the CPU count sees eager code only")
     student, teacher = _student_teacher(MODEL)
     cfg, ds, batch = _settings(opts, opts.steps, opts.batch)
     cfg = dataclasses.replace(cfg, steps=opts.steps, log_every=opts.steps)
     batches = Batches(_batches(opts.steps, opts.batch, MODEL, 0, info.device))
 
     sites: Counter[str] = Counter()
+    counter = HostSyncCounter(info.device)
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" in str(message):
             sites[call_site(traceback.extract_stack())] += 1
+
+    def count(on: bool) -> None:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn" if on else "default")
+        elif on:
+            counter.__enter__()
+        else:
+            counter.__exit__(None, None, None)
+            sites.update(counter.sites)
 
     note_progress = dist.note_progress
 
     def progress(**fields):  # counted: steps 2..steps
         note_progress(**fields)
         if fields.get("step") in (1, opts.steps):
-            torch.cuda.set_sync_debug_mode("warn" if fields["step"] == 1 else "default")
+            count(fields["step"] == 1)
 
     dist.note_progress = progress
     warnings.showwarning = record
@@ -95,7 +110,7 @@ def main() -> None:
     counted = opts.steps - 1
     print(
         f"host syncs in train() over steps 2..{opts.steps} ({opts.precision}, ZeRO-{opts.zero}, "
-        f"compile {opts.compile}), by call site:"
+        f"compile {opts.compile}, {'CUDA sync debug mode' if cuda else 'HostSyncCounter on the CPU'}), by call site:"
     )
     for site, n in sites.most_common(25):
         print(f"  {n:5d}  ({n / counted:4.1f}/step)  {site}")

@@ -14,7 +14,7 @@ from mope_dist.distill.checkpoint import MARKER, CheckpointManager, Mirror, step
 from mope_dist.distill.losses import HiddenRecorder, make_loss
 from mope_dist.distill.metrics import MetricsLog, MetricWindow
 from mope_dist.distill.optim import build_ds_config, lr_at, param_groups
-from mope_dist.distill.profile import StepProfiler, busy_us
+from mope_dist.distill.profile import HostSyncCounter, StepProfiler, busy_us
 
 
 @pytest.fixture
@@ -180,6 +180,44 @@ def test_window_throughput_leaves_out_paused_time_only(monkeypatch):
     window.add_step({}, 1)
     m = window.summary(global_batch=8, world=1, loader=None, device=torch.device("cpu"))
     assert m["perf/step_time_s"] == pytest.approx(2.0) and m["perf/samples_per_s"] == pytest.approx(4.0)
+
+
+def test_host_sync_counter_counts_what_would_wait_for_a_gpu_by_call_site():
+    """Value reads and data-dependent shapes, each once at its line; arithmetic, a non-fused AdamW step
+    (its step counts live on the host) and reading a plain float are not counted; a read in mope_dist's
+    code is charged to mope_dist's line."""
+    import inspect
+
+    t = torch.randn(16)
+    w = torch.nn.Parameter(torch.randn(4))
+    w.grad = torch.randn(4)
+    opt = torch.optim.AdamW([w], foreach=False)
+    window = MetricWindow()
+    window.add_step({"loss": torch.tensor(2.0)}, 1)
+    tolist = torch.Tensor.tolist
+    here = inspect.currentframe().f_lineno
+    with HostSyncCounter() as counter:
+        t.sum().item()  # here + 2
+        bool(t[0] > 0)  # here + 3
+        t[t > 0]  # here + 4: boolean mask
+        torch.nonzero(t)  # here + 5
+        float(t.max())  # here + 6
+        torch.unique(t)  # here + 7
+        t.cpu().numpy()  # here + 8: two copies to the host
+        (t * 2 + 1).exp().sum()
+        opt.step()
+        window.summary(global_batch=8, world=1, loader=None, device=torch.device("cpu"))
+    assert torch.Tensor.tolist is tolist  # the counter's wrappers are gone
+    ours = {
+        site.split(":")[1]: n
+        for site, n in counter.sites.items()
+        if site.startswith("tests/test_distill_parts.py:")
+    }
+    name = "test_host_sync_counter_counts_what_would_wait_for_a_gpu_by_call_site"
+    expected = {f"{here + i} {name}": 2 if i == 8 else 1 for i in range(2, 9)}
+    assert ours == expected
+    library = {site: n for site, n in counter.sites.items() if not site.startswith("tests/")}
+    assert [s.split(":")[0] for s in library] == ["mope_dist/distill/metrics.py"], library  # its .tolist()
 
 
 @pytest.mark.parametrize("seed", range(5))

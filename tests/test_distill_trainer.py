@@ -265,6 +265,37 @@ def suite_resume(out: Path, info, record):
         record[f"nan_grad_zero{stage}"] = [result.state.step, result.state.skipped_steps, bool(finite)]
 
 
+SYNC_RUNS = ((0, "amp_bf16"), (1, "bf16"), (3, "fp32"))  # own clipping; the GPU default; ZeRO-3 hooks
+
+
+def suite_host_syncs(out: Path, info, record):
+    """Host syncs (HostSyncCounter) in steps 2-3 of 4, none of them logging or checkpointing: by site."""
+    from mope_dist import dist
+    from mope_dist.distill.profile import HostSyncCounter
+
+    note_progress = dist.note_progress
+    for stage, precision in SYNC_RUNS:
+        counter = HostSyncCounter()
+
+        def progress(counter=counter, **fields):
+            note_progress(**fields)
+            if fields.get("step") == 1:
+                counter.__enter__()
+            elif fields.get("step") == 3:
+                counter.__exit__(None, None, None)
+
+        dist.note_progress = progress
+        try:
+            student, teacher = tiny_pair()
+            run_train(
+                student, teacher, RandomLoader(info.rank), out / f"syncs_zero{stage}_{precision}", info,
+                steps=4, grad_accum=1, log_every=4, zero_stage=stage, precision=precision,
+            )  # fmt: skip
+        finally:
+            dist.note_progress = note_progress
+        record[f"syncs_zero{stage}_{precision}"] = dict(counter.sites)
+
+
 def worker(out: str) -> None:
     import torch
 
@@ -275,6 +306,7 @@ def worker(out: str) -> None:
     record: dict = {}
     suite_stages(Path(out), info, record)
     suite_resume(Path(out), info, record)
+    suite_host_syncs(Path(out), info, record)
     Path(out, f"result_rank{info.rank}.json").write_text(json.dumps(record))
 
 
@@ -394,6 +426,27 @@ def test_non_finite_loss_is_skipped_and_counted(results):
 def test_non_finite_gradients_skip_the_step(results, stage):
     step, skipped, finite = results[0][f"nan_grad_zero{stage}"]
     assert (step, skipped, finite) == (3, 1, True)
+
+
+@pytest.mark.parametrize("stage,precision", SYNC_RUNS)
+def test_steps_wait_for_the_device_only_where_expected(results, stage, precision):
+    """A GPU step should never wait for the device in mope_dist's code (.item(), bool(t), masks): the
+    host could not queue the next step meanwhile. Only the own-clipping path (ZeRO-0 with fp32 weights)
+    reads one flag per step, whether the gradients are finite, to skip the step; DeepSpeed's own reads
+    (its overflow checks) are listed but not ours to assert. The preemption flag is a CPU tensor on a
+    gloo group, read a step after its all-reduce was queued: a host read, never a device one."""
+    for r in results:
+        sites = r[f"syncs_zero{stage}_{precision}"]
+        host_by_design = "mope_dist/distill/preempt.py"
+        ours = {
+            s: n for s, n in sites.items() if s.startswith("mope_dist/") and not s.startswith(host_by_design)
+        }
+        if stage == 0:
+            assert [n for site, n in ours.items() if site.endswith(" _step")] == [2], sites  # steps 2, 3
+            assert len(ours) == 1, sites
+        else:
+            assert ours == {}, sites
+            assert any(site.startswith("deepspeed/") for site in sites), sites  # the counter sees them
 
 
 if __name__ == "__main__":

@@ -15,13 +15,98 @@ from __future__ import annotations
 import gzip
 import tempfile
 import time
+import traceback
+from collections import Counter
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mope_dist.utils import atomic_write_bytes, atomic_write_json, atomic_write_text, get_logger
 
 log = get_logger("mope_dist.distill")
+
+# operators that make the host wait for the device: reading a value (.item(), bool(t), float(t)) and
+# those whose output size depends on the data
+SYNCING_OPS = frozenset(
+    {
+        "_local_scalar_dense",
+        "nonzero",
+        "masked_select",
+        "_unique2",
+        "unique_dim",
+        "unique_consecutive",
+        "equal",
+    }
+)
+HOST_COPIES = (
+    "tolist",
+    "numpy",
+    "cpu",
+)  # Tensor methods that copy to the host (no-ops, undispatched, on a CPU)
+_CHECKOUT = str(Path(__file__).resolve().parents[2]) + "/"
+_DISPATCH = ("torch/_dynamo/", "torch/_compile.py", "torch/utils/_python_dispatch.py")  # between op and mode
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts, by call site, the calls that would make the host wait for a GPU.
+
+    On a CPU nothing waits, but a CPU run of the same eager code makes the same calls, so this finds a
+    GPU step's host syncs without a GPU (torch.cuda.set_sync_debug_mode needs one): value reads, boolean
+    masks and other data-dependent shapes, `.tolist()`, `.numpy()`, `.cpu()`. Compiled graphs are not
+    seen: count with torch.compile off. Reading a value held on the host by design is not counted:
+    tensors on the CPU when `device` is a GPU, and the step counts non-fused torch optimizers keep there.
+    A site is the innermost frame outside torch: mope_dist's, DeepSpeed's or the caller's own line.
+    """
+
+    def __init__(self, device: torch.device | None = None):
+        super().__init__()
+        self.stand_in = device is None or device.type == "cpu"  # every tensor stands in for one on a GPU
+        self.sites: Counter[str] = Counter()
+        self._methods: dict = {}
+
+    def _on_device(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and (self.stand_in or t.device.type != "cpu")
+
+    def _record(self) -> None:
+        inner = 2  # this method and the __torch_dispatch__ / method wrapper that called it
+        stack = [f for f in traceback.extract_stack()[:-inner] if not any(m in f.filename for m in _DISPATCH)]
+        if not (stack[-1].name == "_get_value" and "torch/optim/" in stack[-1].filename):
+            self.sites[_call_site(stack)] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket.__name__
+        masked = name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        if (name in SYNCING_OPS or masked) and self._on_device(args[0]):
+            self._record()
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in HOST_COPIES:
+            method = self._methods[name] = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _method=method, **kwargs):
+                if self._on_device(t):
+                    self._record()
+                return _method(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._methods.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
+
+
+def _call_site(stack: list[traceback.FrameSummary]) -> str:
+    """The innermost frame outside torch (torch code is charged to its caller), as "file:line function"
+    with the file relative to site-packages or to this checkout."""
+    frame = next((f for f in reversed(stack) if "/torch/" not in f.filename), stack[-1])
+    path = frame.filename.rpartition("/site-packages/")[2]
+    if path.startswith(_CHECKOUT):
+        path = path[len(_CHECKOUT) :]
+    return f"{path}:{frame.lineno} {frame.name}"
 
 
 def busy_us(spans: list[tuple[float, float]]) -> float:
