@@ -39,11 +39,8 @@ SYNCING_OPS = frozenset(
         "equal",
     }
 )
-HOST_COPIES = (
-    "tolist",
-    "numpy",
-    "cpu",
-)  # Tensor methods that copy to the host (no-ops, undispatched, on a CPU)
+# Tensor methods that copy to the host (on a CPU no-ops that never reach the dispatcher)
+HOST_COPIES = ("tolist", "numpy", "cpu")
 _CHECKOUT = str(Path(__file__).resolve().parents[2]) + "/"
 _DISPATCH = ("torch/_dynamo/", "torch/_compile.py", "torch/utils/_python_dispatch.py")  # between op and mode
 
