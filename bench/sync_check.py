@@ -6,9 +6,9 @@
 Runs train() (distillation, all four losses) on bench_train.py's mid-size CLIP pair with in-memory
 batches. On CUDA, under `torch.cuda.set_sync_debug_mode("warn")`, which warns at every operation that
 blocks the host on the device (.item(), .tolist(), non-pinned copies to the host, ...); each warning is
-attributed to the innermost frame in mope_dist, deepspeed or torch.nn. On a CPU, under
-mope_dist.distill.profile.HostSyncCounter, which counts the operations that would block on a GPU
-(reading values, data-dependent shapes; eager code only). A call site counted about once per step is
+charged to the innermost frame outside torch (mope_dist's, DeepSpeed's), as the CPU count charges its
+calls. On a CPU, under mope_dist.distill.profile.HostSyncCounter, which counts the operations that
+would block on a GPU (reading values, data-dependent shapes; eager code only). A call site counted about once per step is
 a sync in every step, which keeps the host from queueing the next step's work while the GPU is busy.
 Counting runs from the end of the first step to the end of the last (the trainer's
 `dist.note_progress(step=)` calls), so engine set-up, the first step's one-off work (torch.compile's
@@ -32,16 +32,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench_train import MODEL, Batches, _batches, _settings, _student_teacher  # noqa: E402
 
-OURS = (f"{Path('mope_dist')}/", f"{Path('deepspeed')}/", f"{Path('torch', 'nn')}/")
-
-
-def call_site(stack: list[traceback.FrameSummary]) -> str:
-    """The innermost frame in our code or DeepSpeed (else the innermost of all), as file:line function."""
-    frames = [f for f in stack if "warnings.py" not in f.filename and f.filename != __file__]
-    frame = next((f for f in reversed(frames) if any(p in f.filename for p in OURS)), frames[-1])
-    short = frame.filename.split("site-packages/")[-1].replace(str(ROOT) + "/", "")
-    return f"{short}:{frame.lineno} {frame.name}"
-
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -57,7 +47,7 @@ def main() -> None:
     import torch
 
     from mope_dist import dist
-    from mope_dist.distill.profile import HostSyncCounter
+    from mope_dist.distill.profile import HostSyncCounter, call_site
     from mope_dist.distill.trainer import train
 
     info = dist.init_distributed(use_deepspeed=True)
@@ -74,7 +64,8 @@ def main() -> None:
 
     def record(message, category, filename, lineno, file=None, line=None):
         if "synchroniz" in str(message):
-            sites[call_site(traceback.extract_stack())] += 1
+            stack = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
+            sites[call_site(stack)] += 1
 
     def count(on: bool) -> None:
         if cuda:

@@ -69,7 +69,7 @@ class HostSyncCounter(TorchDispatchMode):
         inner = 2  # this method and the __torch_dispatch__ / method wrapper that called it
         stack = [f for f in traceback.extract_stack()[:-inner] if not any(m in f.filename for m in _DISPATCH)]
         if not (stack[-1].name == "_get_value" and "torch/optim/" in stack[-1].filename):
-            self.sites[_call_site(stack)] += 1
+            self.sites[call_site(stack)] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func._overloadpacket.__name__
@@ -96,7 +96,7 @@ class HostSyncCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def _call_site(stack: list[traceback.FrameSummary]) -> str:
+def call_site(stack: list[traceback.FrameSummary]) -> str:
     """The innermost frame outside torch (torch code is charged to its caller), as "file:line function"
     with the file relative to site-packages or to this checkout."""
     frame = next((f for f in reversed(stack) if "/torch/" not in f.filename), stack[-1])
