@@ -97,6 +97,15 @@ class Preemption:
             self._pending = (tdist.all_reduce(flag, group=self._group, async_op=True), flag)
         return agreed
 
+    def settle(self) -> None:
+        """Collective, once training ended normally on every rank: wait for the flag all-reduce started at
+        the last step boundary. Left pending, gloo's thread may free it while the interpreter finalises,
+        and freeing it there takes the GIL from a dying interpreter: SIGABRT ("terminate called without an
+        active exception") after the results are written, on ranks that finished far apart."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
     def stopped(self, checkpoint) -> Preempted:
         """The error to raise once `checkpoint` (a complete one) is saved for the request."""
         self.saved = str(checkpoint)
@@ -113,7 +122,7 @@ class Preemption:
             return
         signal.signal(signal.SIGTERM, self._previous_handler)
         self._previous_handler = None
-        self._pending = None  # every rank started the same all-reduces: the last one completes anyway
+        self._pending = None  # after an error a peer may never start it: not waited for (CLIs os._exit)
         from torch.utils.data._utils import signal_handling
 
         signal_handling._set_worker_signal_handlers = self._worker_setup

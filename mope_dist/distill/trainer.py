@@ -160,6 +160,7 @@ def train(
                 if not saved:
                     _save(run, state)
                 raise preemption.stopped(run.ckpt.dir / step_tag(state.step))
+        preemption.settle()  # collective: no flag all-reduce left in flight when training returns
     finally:
         profiler.close()
         preemption.close()
