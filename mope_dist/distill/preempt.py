@@ -6,7 +6,8 @@ Schedulers (SLURM, Kubernetes) preempt with SIGTERM and kill a grace period late
 - the first SIGTERM only sets a flag (and prints one line); the loop calls `stop_requested()` at every
   step boundary on every rank: the ranks' flags are summed by an all-reduce on a separate gloo group,
   started at one boundary and read at the next, so it overlaps a training step and never waits on the
-  GPU. All ranks see the same sum, so they stop at the same step, one step after the signal;
+  GPU (the last one is waited for when training ends: `settle()`). All ranks see the same sum, so they
+  stop at the same step, one step after the signal;
 - the loop then saves a checkpoint (CheckpointManager.save: the completion marker is written last) and
   raises `stopped(...)`, a `Preempted` error: `preempted: checkpoint ... saved Ns after SIGTERM; rerun
   the same command to continue from it`, exit status 143;
