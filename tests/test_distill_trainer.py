@@ -336,10 +336,7 @@ def suite_host_syncs(out: Path, info, record):
         record[f"syncs_zero{stage}_{precision}"] = dict(counter.sites)
 
 
-SUITES = {"trainer": (suite_stages, suite_resume), "host_syncs": (suite_host_syncs,)}
-
-
-def worker(out: str, part: str) -> None:
+def worker(out: str) -> None:
     import torch
 
     from mope_dist.dist import init_distributed
@@ -347,8 +344,9 @@ def worker(out: str, part: str) -> None:
     torch.manual_seed(0)
     info = init_distributed(use_deepspeed=True)
     record: dict = {}
-    for suite in SUITES[part]:
-        suite(Path(out), info, record)
+    suite_stages(Path(out), info, record)
+    suite_resume(Path(out), info, record)
+    suite_host_syncs(Path(out), info, record)
     Path(out, f"result_rank{info.rank}.json").write_text(json.dumps(record))
 
 
@@ -356,9 +354,10 @@ def worker(out: str, part: str) -> None:
 # pytest side
 
 
-def launch(out: Path, part: str, nproc: int) -> list[dict]:
-    """`nproc` processes run SUITES[part] in one launch (process start-up dominates the cost); per-rank
-    records."""
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> list[dict]:
+    """One 2-process launch runs every scenario (process start-up dominates the cost); per-rank records."""
+    out = tmp_path_factory.mktemp("trainer")
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -369,10 +368,10 @@ def launch(out: Path, part: str, nproc: int) -> list[dict]:
         ),
         "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}",
     }
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     # own session, so that a timeout kills the launcher and both workers together
     proc = subprocess.Popen(
-        [*cmd, __file__, str(out), part], env=env, cwd=ROOT, text=True, start_new_session=True,
+        [*cmd, __file__, str(out)], env=env, cwd=ROOT, text=True, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -382,18 +381,7 @@ def launch(out: Path, part: str, nproc: int) -> list[dict]:
         stdout, stderr = proc.communicate()
     if proc.returncode != 0:
         pytest.fail(f"trainer workers failed (rc {proc.returncode}):\n{stdout[-3000:]}\n{stderr[-6000:]}")
-    return [json.loads((out / f"result_rank{r}.json").read_text()) for r in range(nproc)]
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory) -> list[dict]:
-    return launch(tmp_path_factory.mktemp("trainer"), "trainer", nproc=2)
-
-
-@pytest.fixture(scope="module")
-def host_syncs(tmp_path_factory) -> dict:
-    """One process: the counts are per process and stay free of waits on a peer."""
-    return launch(tmp_path_factory.mktemp("host_syncs"), "host_syncs", nproc=1)[0]
+    return [json.loads((out / f"result_rank{r}.json").read_text()) for r in range(2)]
 
 
 RUNS = [f"zero{stage}_{precision}" for stage, precision in STAGES]
@@ -486,22 +474,25 @@ def test_non_finite_gradients_skip_the_step(results, stage):
 
 
 @pytest.mark.parametrize("stage,precision", SYNC_RUNS)
-def test_steps_wait_for_the_device_only_where_expected(host_syncs, stage, precision):
+def test_steps_wait_for_the_device_only_where_expected(results, stage, precision):
     """A GPU step should never wait for the device in mope_dist's code (.item(), bool(t), masks): the
     host could not queue the next step meanwhile. Only the own-clipping path (ZeRO-0 with fp32 weights)
     reads one flag per step, whether the gradients are finite, to skip the step; DeepSpeed's own reads
     (its overflow checks) are listed but not ours to assert. The preemption flag is a CPU tensor on a
     gloo group, read a step after its all-reduce was queued: a host read, never a device one."""
-    sites = host_syncs[f"syncs_zero{stage}_{precision}"]
-    host_by_design = "mope_dist/distill/preempt.py"
-    ours = {s: n for s, n in sites.items() if s.startswith("mope_dist/") and not s.startswith(host_by_design)}
-    if stage == 0:
-        assert [n for site, n in ours.items() if site.endswith(" _step")] == [2], sites  # steps 2, 3
-        assert len(ours) == 1, sites
-    else:
-        assert ours == {}, sites
-        assert any(site.startswith("deepspeed/") for site in sites), sites  # the counter sees them
+    for r in results:
+        sites = r[f"syncs_zero{stage}_{precision}"]
+        host_by_design = "mope_dist/distill/preempt.py"
+        ours = {
+            s: n for s, n in sites.items() if s.startswith("mope_dist/") and not s.startswith(host_by_design)
+        }
+        if stage == 0:
+            assert [n for site, n in ours.items() if site.endswith(" _step")] == [2], sites  # steps 2, 3
+            assert len(ours) == 1, sites
+        else:
+            assert ours == {}, sites
+            assert any(site.startswith("deepspeed/") for site in sites), sites  # the counter sees them
 
 
 if __name__ == "__main__":
-    worker(sys.argv[1], sys.argv[2])
+    worker(sys.argv[1])
