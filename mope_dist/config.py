@@ -151,7 +151,8 @@ class DistillConfig:
     keep_checkpoints: int = 2
     # Evaluate (eval.data) every this many steps; 0: only at the end.
     eval_every: int = 0
-    # Stop after this many consecutive steps with a non-finite loss or gradient.
+    # Stop after this many consecutive steps with a non-finite loss or gradient. Such a step leaves the
+    # weights and optimizer state unchanged but counts: in `steps` and for the LR schedule.
     max_nonfinite_steps: int = 20
     # On SIGTERM (preemption) save a checkpoint and exit, giving up after this many seconds; keep it
     # below the scheduler's kill delay (SLURM KillWait, k8s terminationGracePeriodSeconds: 30 s by

@@ -173,13 +173,63 @@ def test_window_throughput_leaves_out_paused_time_only(monkeypatch):
     window = MetricWindow()  # t0 = 0
     for t in (2.0, 4.0):  # two 2 s steps
         now[0] = t
-        window.add_step({}, 1)
+        window.add_step({}, 1, False)
     with window.paused(torch.device("cpu")):  # a 10 s checkpoint
         now[0] += 10.0
     now[0] += 2.0  # a third 2 s step
-    window.add_step({}, 1)
+    window.add_step({}, 1, False)
     m = window.summary(global_batch=8, world=1, loader=None, device=torch.device("cpu"))
     assert m["perf/step_time_s"] == pytest.approx(2.0) and m["perf/samples_per_s"] == pytest.approx(4.0)
+
+
+def test_window_averages_the_losses_of_applied_steps_only():
+    """Skipped steps, decided on the host (DeepSpeed) or flagged on the device (own clipping, applied
+    there without a read), leave their NaN losses out; a window of skipped steps only logs NaN."""
+    nan, flag = torch.tensor(float("nan")), torch.tensor
+    window = MetricWindow()
+    steps = [(1.0, False), (nan, True), (3.0, flag(0.0)), (nan, flag(1.0)), (5.0, flag(0.0))]
+    for loss, skipped in steps:
+        window.add_step({"total": torch.as_tensor(loss) * 2}, 2, skipped)  # summed over 2 micro-batches
+    assert window.steps == 5  # every step took its time: throughput counts them all
+    m = window.summary(global_batch=8, world=1, loader=None, device=torch.device("cpu"))
+    assert m["loss/total"] == pytest.approx((1.0 + 3.0 + 5.0) / 3)
+    window.restart()
+    for skipped in (True, flag(1.0)):
+        window.add_step({"total": nan}, 2, skipped)
+    m = window.summary(global_batch=8, world=1, loader=None, device=torch.device("cpu"))
+    assert math.isnan(m["loss/total"])
+
+
+def test_skipped_steps_are_read_lazily_counted_and_stop_the_run(tmp_path):
+    """Device flags wait unread until a settle; past `max_nonfinite_steps` pending, all but the newest
+    are read (one read); counts, samples and the consecutive limit match a step-by-step count."""
+    from types import SimpleNamespace
+
+    from mope_dist.distill.trainer import SkippedSteps, TrainState
+    from mope_dist.errors import JobError
+
+    run = SimpleNamespace(
+        cfg=DistillConfig(max_nonfinite_steps=3), global_batch=8, ckpt=CheckpointManager(tmp_path / "ckpt")
+    )
+    state = TrainState()
+    skips = SkippedSteps(run, state)
+    flags = [torch.tensor(0.0), torch.tensor(1.0), True, torch.tensor(0.0)]
+    with HostSyncCounter() as counter:
+        for step, flag in enumerate(flags[:3], 1):
+            skips.add(step, flag)
+    assert counter.sites == {} and state.skipped_steps == 0  # nothing read yet
+    with HostSyncCounter() as counter:
+        skips.add(4, flags[3])  # 4 pending > 3: steps 1-3 read, step 4 left
+    assert sum(counter.sites.values()) == 1 and len(skips.pending) == 1
+    assert (state.skipped_steps, state.consecutive_skips, state.samples_seen) == (2, 2, 8)
+    skips.settle()
+    assert (state.skipped_steps, state.consecutive_skips, state.samples_seen) == (2, 0, 16)
+    for step in (5, 6):
+        skips.add(step, torch.tensor(1.0))
+    skips.settle()
+    skips.add(7, torch.tensor(1.0))
+    with pytest.raises(JobError, match="3 consecutive non-finite losses/gradients up to step 7"):
+        skips.settle()
 
 
 def test_host_sync_counter_counts_what_would_wait_for_a_gpu_by_call_site():
@@ -193,7 +243,7 @@ def test_host_sync_counter_counts_what_would_wait_for_a_gpu_by_call_site():
     w.grad = torch.randn(4)
     opt = torch.optim.AdamW([w], foreach=False)
     window = MetricWindow()
-    window.add_step({"loss": torch.tensor(2.0)}, 1)
+    window.add_step({"loss": torch.tensor(2.0)}, 1, False)
     tolist = torch.Tensor.tolist
     here = inspect.currentframe().f_lineno
     with HostSyncCounter() as counter:

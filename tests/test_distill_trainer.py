@@ -210,6 +210,7 @@ def suite_stages(out: Path, info, record):
 def suite_resume(out: Path, info, record):
     """Uninterrupted run vs crash-after-checkpoint + resume: identical weights, LR and data; NaN skipping."""
     import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
     from mope_dist.distill.checkpoint import CheckpointManager
     from mope_dist.distill.engine import full_state_dict
@@ -278,10 +279,19 @@ def suite_resume(out: Path, info, record):
         record["all_nan_error"] = str(e)
     record["all_nan_latest"] = CheckpointManager(out / "all_nan" / "checkpoints").latest()
 
-    # finite loss, non-finite gradient at step 1: the optimizer step is skipped, weights stay finite
+    # finite loss, non-finite gradient at step 1: the optimizer step is skipped, weights stay finite;
+    # each call of the torch optimizer's step: whether it changed its parameters or state (under
+    # ZeRO-0 it is called on the skipped step too, with the device flag that makes it a no-op)
     for stage in (0, 2, 3):
         student, teacher = tiny_pair()
         poison = {"on": False, "done": False}
+        changed = []
+
+        def before(opt, args, kwargs, changed=changed):
+            changed.append(optimizer_fingerprint(opt))
+
+        def after(opt, args, kwargs, changed=changed):
+            changed[-1] = changed[-1] != optimizer_fingerprint(opt)
 
         def hook(grad, poison=poison):
             if poison["on"] and not poison["done"]:
@@ -291,18 +301,32 @@ def suite_resume(out: Path, info, record):
 
         next(iter(student.parameters())).register_hook(hook)
         loader = RandomLoader(info.rank, on_batch=lambda n, poison=poison: poison.update(on=n == 1))
-        result = run_train(
-            student,
-            teacher,
-            loader,
-            out / f"nan_grad_zero{stage}",
-            info,
-            steps=3,
-            zero_stage=stage,
-            grad_accum=1,
-        )
+        hooks = [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
+        try:
+            result = run_train(
+                student, teacher, loader, out / f"nan_grad_zero{stage}", info,
+                steps=3, zero_stage=stage, grad_accum=1,
+            )  # fmt: skip
+        finally:
+            for hook in hooks:
+                hook.remove()
         finite = all(torch.isfinite(t).all() for t in full_state_dict(result.engine).values())
-        record[f"nan_grad_zero{stage}"] = [result.state.step, result.state.skipped_steps, bool(finite)]
+        record[f"nan_grad_zero{stage}"] = [
+            result.state.step,
+            result.state.skipped_steps,
+            bool(finite),
+            changed,
+        ]
+
+
+def optimizer_fingerprint(opt) -> float:
+    """A sum over a torch optimizer's parameters and state tensors (moments, step counts)."""
+    import torch
+
+    tensors = [p for g in opt.param_groups for p in g["params"]]
+    tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    with torch.no_grad():
+        return float(sum(t.detach().double().sum() for t in tensors))
 
 
 SYNC_RUNS = ((0, "amp_bf16"), (1, "bf16"), (3, "fp32"))  # own clipping; the GPU default; ZeRO-3 hooks
@@ -463,35 +487,38 @@ def test_profile_window_writes_ops_summary_and_trace_without_changing_training(r
 def test_non_finite_loss_is_skipped_and_counted(results):
     r0 = results[0]
     assert r0["nan_step"] == 5 and r0["nan_skipped"] == 1
-    assert "3 consecutive non-finite" in r0["all_nan_error"] and "step_00000002" in r0["all_nan_error"]
-    assert r0["all_nan_latest"] == "step_00000002"
+    # steps 3-5 skipped: the run stops at the third; the step-4 checkpoint, taken between two skipped
+    # steps, holds step 2's weights and is the last one
+    assert "3 consecutive non-finite losses/gradients up to step 5" in r0["all_nan_error"]
+    assert "step_00000004" in r0["all_nan_error"] and r0["all_nan_latest"] == "step_00000004"
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_non_finite_gradients_skip_the_step(results, stage):
-    step, skipped, finite = results[0][f"nan_grad_zero{stage}"]
+    step, skipped, finite, changed = results[0][f"nan_grad_zero{stage}"]
     assert (step, skipped, finite) == (3, 1, True)
+    if stage == 0:  # the optimizer ran on the skipped step (the first) and changed nothing
+        assert changed == [False, True, True]
+    else:  # DeepSpeed does not call it on a skipped step (it calls it per partition group otherwise)
+        assert changed and all(changed)
 
 
 @pytest.mark.parametrize("stage,precision", SYNC_RUNS)
 def test_steps_wait_for_the_device_only_where_expected(results, stage, precision):
     """A GPU step should never wait for the device in mope_dist's code (.item(), bool(t), masks): the
-    host could not queue the next step meanwhile. Only the own-clipping path (ZeRO-0 with fp32 weights)
-    reads one flag per step, whether the gradients are finite, to skip the step; DeepSpeed's own reads
-    (its overflow checks) are listed but not ours to assert. The preemption flag is a CPU tensor on a
-    gloo group, read a step after its all-reduce was queued: a host read, never a device one."""
+    host could not queue the next step meanwhile. ZeRO-0 with fp32 weights (own clipping) has no wait
+    at all: its finite-gradient flag stays on the device, where the fused AdamW obeys it. Under ZeRO 1-3
+    DeepSpeed reads its overflow checks: listed, not ours to assert. The preemption flag is a CPU
+    tensor on a gloo group, read a step after its all-reduce was queued: a host read, never a device one."""
     for r in results:
         sites = r[f"syncs_zero{stage}_{precision}"]
-        host_by_design = "mope_dist/distill/preempt.py"
-        ours = {
-            s: n for s, n in sites.items() if s.startswith("mope_dist/") and not s.startswith(host_by_design)
-        }
-        if stage == 0:
-            assert [n for site, n in ours.items() if site.endswith(" _step")] == [2], sites  # steps 2, 3
-            assert len(ours) == 1, sites
-        else:
-            assert ours == {}, sites
+        not_steps = ("mope_dist/distill/preempt.py", "tests/")  # a host read by design; the test's data
+        waits = {s: n for s, n in sites.items() if not s.startswith(not_steps)}
+        assert not any(s.startswith("mope_dist/") for s in waits), sites
+        if stage:
             assert any(site.startswith("deepspeed/") for site in sites), sites  # the counter sees them
+        else:
+            assert waits == {}, sites
 
 
 if __name__ == "__main__":

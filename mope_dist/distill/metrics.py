@@ -77,8 +77,8 @@ def format_line(step: int, total_steps: int, m: dict) -> str:
 
 
 class MetricWindow:
-    """What happened on this rank since the last log step: loss terms of the applied steps (device
-    tensors, summed without a host sync), micro-batches, data wait, wall time."""
+    """What happened on this rank since the last log step: loss terms and micro-batches of the applied
+    steps (device tensors, summed without a host sync), steps taken, data wait, wall time."""
 
     def __init__(self):
         self.skipped_logged: dict = {}  # the loader's skip counters at the last log step
@@ -103,17 +103,25 @@ class MetricWindow:
         finally:
             self.paused_s += time.perf_counter() - t
 
-    def add_step(self, step_sums: dict, micro_batches: int) -> None:
+    def add_step(self, step_sums: dict, micro_batches: int, skipped: bool | torch.Tensor) -> None:
+        """A skipped step's (non-finite) losses are left out; `skipped` may be a flag still on the
+        device (1.0: skipped), which is then applied there rather than read."""
+        self.steps += 1
+        if isinstance(skipped, torch.Tensor):
+            step_sums = {k: torch.where(skipped > 0, 0.0, v) for k, v in step_sums.items()}
+            micro_batches = (1 - skipped) * micro_batches
+        elif skipped:  # keys kept: a window of skipped steps logs NaN losses
+            step_sums, micro_batches = {k: torch.zeros_like(v) for k, v in step_sums.items()}, 0
         for k, v in step_sums.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
         self.micro += micro_batches
-        self.steps += 1
 
     def summary(self, global_batch: int, world: int, loader, device: torch.device) -> dict:
         """Loss terms and data wait averaged over ranks, throughput, and the loader's skip counters
         summed over ranks. Collective."""
         elapsed = time.perf_counter() - self.t0 - self.paused_s
-        local = {f"loss/{k}": v / max(1, self.micro) for k, v in self.sums.items()}
+        micro = float(self.micro)  # NaN losses when every step of the window was skipped
+        local = {f"loss/{k}": v / micro if micro else float("nan") for k, v in self.sums.items()}
         local["perf/data_wait_s"] = self.data_wait / self.steps
         m = {k: v / world for k, v in reduce_sum(local, device).items()}
         skipped = loader.skipped() if hasattr(loader, "skipped") else {}

@@ -21,11 +21,12 @@
   ranks, since start) passes `max_skip_rate` at a log step, training stops with a JobError;
   optional `loader.state_dict()` / `load_state_dict(every rank's)`: the exact data position, gathered
   into each checkpoint and restored (remapped by the loader on another number of ranks or workers).
-- Non-finite loss or gradients (any rank): the optimizer step is skipped (a non-finite loss makes
-  non-finite gradients; DeepSpeed's overflow check catches them under ZeRO 1-3, bf16 and fp16, our own
-  gradient-norm check under ZeRO-0 fp32), so the loop never waits on the GPU for a per-batch loss
-  check. Skips are counted; after `max_nonfinite_steps` in a row training stops with an error and
-  the last checkpoint intact.
+- Non-finite loss or gradients (any rank): the step leaves weights and optimizer state unchanged (a
+  non-finite loss makes non-finite gradients; DeepSpeed's overflow check catches them under ZeRO 1-3,
+  bf16 and fp16; under ZeRO-0 with fp32 weights our gradient-norm check, a device flag the fused AdamW
+  obeys, so that no step waits for the device). It is still a step: the LR schedule and the data move
+  on. Skips are read lazily (`SkippedSteps`), counted, and after `max_nonfinite_steps` in a row
+  training stops with an error and the last checkpoint intact.
 - Resume: the newest complete checkpoint restores module, optimizer, step and data position
   (epoch, batches consumed in it), so the LR continues and the data stream does not replay.
 """
@@ -65,11 +66,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 class TrainState:
     """Everything the loop needs to continue, stored in each checkpoint's client_state."""
 
-    step: int = 0  # optimizer steps applied
+    step: int = 0  # optimizer steps taken, skipped ones included
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of `epoch` consumed on each rank
     samples_seen: int = 0  # over all ranks, applied steps only
-    skipped_steps: int = 0  # non-finite loss or gradients
+    skipped_steps: int = 0  # non-finite loss or gradients: weights and optimizer state left unchanged
     consecutive_skips: int = 0
     # every rank's loader position (`loader.state_dict()`), gathered at each save: exact resume, also
     # on another number of ranks or workers (the loader remaps it). None for loaders without one.
@@ -115,6 +116,7 @@ def train(
     state = _resume(run)
     run.metrics = MetricsLog(out, resume_step=state.step) if main else None
     window, last_eval = MetricWindow(), {}
+    skips = SkippedSteps(run, state)
     preemption = Preemption(cfg.preempt_grace_s)  # collective; armed before the loader forks workers
     profiler = StepProfiler(cfg.profile_start, cfg.profile_steps, run.device, out / "profile", dist_info.rank)
     if cfg.profile_steps and state.step > cfg.profile_start and main:
@@ -135,19 +137,16 @@ def train(
             profiler.step_started()
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             step = _step(run, batches, state, window)
-            if not step.applied:  # the same decision on every rank
-                _count_skip(run, state)
-                continue
             state.step += 1
-            state.consecutive_skips = 0
-            state.samples_seen += run.global_batch
-            window.add_step(step.sums, cfg.grad_accum)
+            skips.add(state.step, step.skipped)
+            window.add_step(step.sums, cfg.grad_accum, step.skipped)
             dist.note_progress(step=state.step)
             if profiler.closes_at(state.step):  # before this step's logging, evaluation and checkpoint
                 with window.paused(run.device):
                     _report_profile(profiler.close_window(), out / "profile", main)
             last = state.step == cfg.steps
             if _due(state.step, cfg.log_every) or last:
+                skips.settle()
                 _log(run, state, window, step, max_skip_rate)
             if evaluate is not None and (_due(state.step, cfg.eval_every) or last):
                 with window.paused(run.device):
@@ -155,10 +154,10 @@ def train(
             saved = _due(state.step, cfg.ckpt_every) or last
             if saved:
                 with window.paused(run.device):
-                    _save(run, state)
+                    _save(run, state, skips)
             if preemption.stop_requested():  # collective: SIGTERM on any rank, agreed one step later
                 if not saved:
-                    _save(run, state)
+                    _save(run, state, skips)
                 raise preemption.stopped(run.ckpt.dir / step_tag(state.step))
         preemption.settle()  # collective: no flag all-reduce left in flight when training returns
     finally:
@@ -205,7 +204,7 @@ class _Run:
     world: int
     micro_batch_size: int
     global_batch: int  # samples per optimizer step over all ranks
-    own_clip: bool  # ZeRO-0 fp32: the loop clips and checks gradients itself
+    own_clip: bool  # ZeRO-0 with fp32 weights: the loop clips and checks gradients itself
     ckpt: CheckpointManager | None = None
     metrics: MetricsLog | None = None  # rank 0 only
     data_position: dict | None = None  # this rank's loader position after the last consumed batch
@@ -309,7 +308,9 @@ class LoaderStream:
 
 @dataclass
 class _Step:
-    applied: bool  # False: non-finite loss or gradients on some rank, the optimizer step was skipped
+    # non-finite loss or gradients on some rank, the update left out: DeepSpeed's host decision, or
+    # under own clipping a 0-dim device flag (1.0: skipped) that the fused AdamW obeyed
+    skipped: bool | torch.Tensor
     sums: dict  # loss terms summed over the micro-batches (device tensors: no host sync)
     logit_scale: torch.Tensor  # the student's, last micro-batch
     grad_norm: torch.Tensor | None  # ours under ZeRO-0 fp32; otherwise DeepSpeed's (read when logged)
@@ -319,7 +320,7 @@ def _step(run: _Run, batches: Iterator, state: TrainState, window: MetricWindow)
     """`cfg.grad_accum` micro-batches: forward (teacher, student), loss, backward, `engine.step()`.
     Records the data position consumed in `state` (consumed by a skipped step too: no replay)."""
     engine, loss_fn, (student_rec, teacher_rec) = run.engine, run.loss_fn, run.recorders
-    sums, own_skip, grad_norm = {}, False, None
+    sums, grad_norm = {}, None
     for micro in range(1, run.cfg.grad_accum + 1):
         t = time.perf_counter()
         images, texts, (state.epoch, state.batch_in_epoch, run.data_position) = next(batches)
@@ -340,27 +341,56 @@ def _step(run: _Run, batches: Iterator, state: TrainState, window: MetricWindow)
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 engine.module.parameters(), run.cfg.grad_clip or float("inf")
             )
-            if not torch.isfinite(grad_norm):  # params without a grad are left alone by AdamW
-                engine.optimizer.zero_grad(set_to_none=True)
-                own_skip = True
+            # the fused AdamW leaves weights, moments and its step count alone where this is set
+            engine.optimizer.found_inf = torch.isfinite(grad_norm).logical_not().float()
         engine.step()
         for k, v in {**terms, "total": loss.detach()}.items():
             sums[k] = sums.get(k, 0.0) + v.float()
-    applied = not own_skip and engine.was_step_applied()
-    return _Step(applied, sums, student_out.logit_scale, grad_norm)
+    skipped = engine.optimizer.found_inf if run.own_clip else not engine.was_step_applied()
+    return _Step(skipped, sums, student_out.logit_scale, grad_norm)
 
 
-def _count_skip(run: _Run, state: TrainState) -> None:
-    state.skipped_steps += 1
-    state.consecutive_skips += 1
-    if dist.is_main():
-        log.warning(f"step {state.step + 1}: non-finite loss or gradients; optimizer step skipped")
-    if state.consecutive_skips >= run.cfg.max_nonfinite_steps:
-        raise JobError(
-            f"{state.consecutive_skips} consecutive non-finite losses/gradients after step {state.step}: stopping. "
-            f"The last good checkpoint ({run.ckpt.latest() or 'none'} in {run.ckpt.dir}) is intact; lower the "
-            "LR, enable gradient clipping or check the data, then resume."
-        )
+class SkippedSteps:
+    """Counts the skipped steps into the state and stops the run after `max_nonfinite_steps` in a row,
+    reading the flags lazily: at each log step and checkpoint, and once more than that many wait (then
+    all but the newest, whose step the device may still be running). So a step never waits for the
+    device for its flag, and the count is exact wherever it is logged or saved."""
+
+    def __init__(self, run: _Run, state: TrainState):
+        self.run, self.state = run, state
+        self.pending: list[tuple[int, bool | torch.Tensor]] = []  # (step, skipped)
+
+    def add(self, step: int, skipped: bool | torch.Tensor) -> None:
+        self.pending.append((step, skipped))
+        if len(self.pending) > self.run.cfg.max_nonfinite_steps:
+            self.settle(keep_newest=True)
+
+    def settle(self, keep_newest: bool = False) -> None:
+        """Read the pending flags (one host read for all device ones) and count them. The flags are the
+        same on every rank, so every rank raises the same error at the same step."""
+        n = len(self.pending) - int(keep_newest)
+        done, self.pending = self.pending[:n], self.pending[n:]
+        on_device = [f for _, f in done if isinstance(f, torch.Tensor)]
+        read = iter(torch.stack(on_device).tolist() if on_device else ())
+        state, cfg = self.state, self.run.cfg
+        for step, flag in done:
+            if not (next(read) if isinstance(flag, torch.Tensor) else flag):
+                state.consecutive_skips = 0
+                state.samples_seen += self.run.global_batch
+                continue
+            state.skipped_steps += 1
+            state.consecutive_skips += 1
+            if dist.is_main():
+                log.warning(
+                    f"step {step}: non-finite loss or gradients; weights and optimizer state left unchanged"
+                )
+            if state.consecutive_skips >= cfg.max_nonfinite_steps:
+                ckpt = self.run.ckpt
+                raise JobError(
+                    f"{state.consecutive_skips} consecutive non-finite losses/gradients up to step {step}: "
+                    f"stopping. The last checkpoint ({ckpt.latest() or 'none'} in {ckpt.dir}) is intact; lower "
+                    "the LR, enable gradient clipping or check the data, then resume."
+                )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -408,8 +438,10 @@ def _evaluate(run: _Run, evaluate, model, step: int, prefix: str, label: str) ->
     return scores
 
 
-def _save(run: _Run, state: TrainState) -> None:
-    """Checkpoint (every rank), then queue the log files for the mirror. Collective."""
+def _save(run: _Run, state: TrainState, skips: SkippedSteps) -> None:
+    """Checkpoint (every rank) with the skip counts settled, then queue the log files for the mirror.
+    Collective."""
+    skips.settle()
     if run.data_position is not None:
         state.data = dist.all_gather_object(run.data_position)
     run.ckpt.save(run.engine, state.step, {"train_state": asdict(state)})
