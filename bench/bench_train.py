@@ -272,7 +272,6 @@ def part_distill(info, opts, out: Path) -> dict:
             profiler = StepProfiler(0, opts.profile, device, out / "profile_baseline" / "profile", info.rank)
             profiler.open()
             for step in range(2 * opts.steps, 2 * opts.steps + opts.profile):
-                profiler.step_started()
                 plain_step(step)
             profiles["baseline"] = profiler.close_window()
         return rate

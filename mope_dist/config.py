@@ -280,6 +280,7 @@ def _validate(cfg: Config, sources: dict[str, str]) -> None:
     _validate_data(cfg, fail)
     _validate_distill(cfg, fail)
     _validate_mope(cfg, fail)
+    _validate_deepspeed(cfg, fail)
     _validate_bounds(cfg, fail, positive=("eval.batch_size",), non_negative=("eval.workers",))
     _validate_finetune(cfg, fail)
     _validate_prune(cfg, fail)
@@ -360,6 +361,32 @@ def _validate_distill(cfg: Config, fail) -> None:
     for name, value in dataclasses.asdict(d.losses).items():
         if value < 0:
             fail(f"distill.losses.{name}", f"must be >= 0, got {value}")
+
+
+# DeepSpeed config keys the generated config owns, by the key that sets them (deepspeed.extra may
+# tune anything else, e.g. offload or the fp16 loss scaler, but not these)
+DS_KEYS_OWNED = {
+    "train_batch_size": "data.batch_size",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "distill.grad_accum",
+    "gradient_clipping": "distill.grad_clip",
+    "zero_optimization.stage": "deepspeed.zero_stage",
+    "bf16.enabled": "deepspeed.precision",
+    "fp16.enabled": "deepspeed.precision",
+    "torch_autocast": "deepspeed.precision",
+    "optimizer": "distill's AdamW settings",
+    "scheduler": "distill's LR schedule",
+}
+
+
+def _validate_deepspeed(cfg: Config, fail) -> None:
+    """The trainer relies on what it generated (e.g. under ZeRO-0 with fp32 weights it clips and skips
+    non-finite steps itself, which an autocast scaler or DeepSpeed's clipping would undo)."""
+    extra = cfg.deepspeed.extra
+    for key, owner in DS_KEYS_OWNED.items():
+        section, _, sub = key.partition(".")
+        if section in extra and (not sub or (isinstance(extra[section], dict) and sub in extra[section])):
+            fail(f"deepspeed.extra.{key}", f"is set by {owner}; set that instead")
 
 
 def _validate_mope(cfg: Config, fail) -> None:

@@ -68,6 +68,21 @@ def test_resolved_config_round_trips(recipe, tmp_path):
         (["data.decode=device", "data.image_dtype=float32"], "data.decode", "the command line"),
         (["deepspeed.precision=amp_fp16"], "deepspeed.precision", "the command line"),
         (["prune.width_multiple=0"], "prune.width_multiple", "the command line"),
+        (
+            ["deepspeed.extra={gradient_clipping: 1.0}"],
+            "deepspeed.extra.gradient_clipping",
+            "the command line",
+        ),
+        (
+            ["deepspeed.extra={torch_autocast: {dtype: float16}}"],
+            "deepspeed.extra.torch_autocast",
+            "the command line",
+        ),
+        (
+            ["deepspeed.extra={zero_optimization: {stage: 3}}"],
+            "deepspeed.extra.zero_optimization.stage",
+            "the command line",
+        ),
         (["distill.profile_steps=-1"], "distill.profile_steps", "the command line"),
         (
             ["distill.profile_steps=4", "distill.profile_start=1000000"],

@@ -1,6 +1,7 @@
 """Single-process pieces of the trainer: param groups, LR schedule, DS config, the loss from the config,
 checkpoint manager, mirror, metrics log and window, hidden-state recorder, step profiler."""
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -165,6 +166,35 @@ def test_metrics_log_forgets_steps_after_the_resumed_checkpoint(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
+def test_restore_fused_after_loading_a_non_fused_checkpoint():
+    """A non-fused AdamW's state loaded into a fused one turns it non-fused (torch keeps the saved
+    flags), which would refuse the found_inf flag; restored, it skips a flagged step exactly and
+    continues like the non-fused optimizer it was saved from."""
+    from mope_dist.distill.optim import restore_fused
+
+    torch.manual_seed(0)
+    w0, grads = torch.randn(8), [torch.randn(8) for _ in range(3)]
+    old = torch.nn.Parameter(w0.clone())
+    old_opt = torch.optim.AdamW([old], lr=0.1, fused=False)
+    old.grad = grads[0]
+    old_opt.step()
+    new = torch.nn.Parameter(old.detach().clone())
+    new_opt = torch.optim.AdamW([new], lr=0.1, fused=True)
+    new_opt.load_state_dict(copy.deepcopy(old_opt.state_dict()))  # as if from disk: no shared moments
+    assert new_opt.param_groups[0]["fused"] is False  # what the load did
+    restore_fused(new_opt)
+    new.grad = torch.full((8,), float("nan"))
+    new_opt.found_inf = torch.tensor(1.0)
+    new_opt.step()  # skipped
+    assert torch.equal(new, old) and float(new_opt.state[new]["step"]) == 1.0
+    for g in grads[1:]:
+        old.grad, new.grad = g.clone(), g.clone()
+        new_opt.found_inf = torch.tensor(0.0)
+        old_opt.step()
+        new_opt.step()
+    assert torch.allclose(new, old, rtol=0, atol=1e-6) and float(new_opt.state[new]["step"]) == 3.0
+
+
 def test_window_throughput_leaves_out_paused_time_only(monkeypatch):
     """A checkpoint mid-window: the steps before it still count with their time (resetting the clock
     there used to drop that time and overstate samples/s)."""
@@ -280,29 +310,25 @@ def test_busy_time_is_the_union_of_overlapping_spans(seed):
 
 
 def test_step_profiler_profiles_its_window_only(tmp_path):
-    """Window over steps 3-4 of 6, driven as the trainer does; step 4 is tried twice (a skipped step):
-    per-step figures are over the 3 iterations, the files hold those iterations' ops only."""
+    """Window over steps 3-4 of 6, driven as the trainer does: per-step figures are over those 2
+    steps, the files hold their ops only."""
     profiler = StepProfiler(2, 2, torch.device("cpu"), tmp_path / "profile")
     a = torch.randn(64, 64)
-    done, summaries, opened = 0, {}, []
-    for attempt in range(7):
+    summaries, opened = {}, []
+    for done in range(6):
         if profiler.opens_at(done):
             profiler.open()
             opened.append(done)
-        profiler.step_started()
         if done in (2, 3):
             a.mm(a).relu()
         else:
             a.add(a).sigmoid()
-        if attempt == 3:  # step 4's first try is skipped: steps done stays 3
-            continue
-        done += 1
-        if profiler.closes_at(done):
-            summaries[done] = profiler.close_window()
+        if profiler.closes_at(done + 1):
+            summaries[done + 1] = profiler.close_window()
     profiler.close()
     assert opened == [2] and list(summaries) == [4]
     summary = summaries[4]
-    assert summary["steps"] == 3 and summary["wall_ms"] > 0 and summary["device_busy_ms"] == 0
+    assert summary["steps"] == 2 and summary["wall_ms"] > 0 and summary["device_busy_ms"] == 0
     assert summary["host_ops_ms"] > 0
     assert json.loads((tmp_path / "profile" / "summary_rank0.json").read_text()) == summary
     ops = (tmp_path / "profile" / "ops_rank0.txt").read_text()
@@ -315,7 +341,6 @@ def test_step_profiler_profiles_its_window_only(tmp_path):
 def test_step_profiler_cut_short_writes_nothing(tmp_path):
     profiler = StepProfiler(0, 5, torch.device("cpu"), tmp_path / "profile")
     profiler.open()
-    profiler.step_started()
     profiler.close()  # training ended inside the window
     profiler.close()
     assert profiler.prof is None and not (tmp_path / "profile").exists()

@@ -37,6 +37,19 @@ def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
+def restore_fused(optimizer: torch.optim.Optimizer) -> None:
+    """After a checkpoint load: `load_state_dict` restores each group's saved flags, so a checkpoint
+    written by a non-fused AdamW (CPU runs before it was fused there) would switch the kernel back,
+    and with it the `found_inf` flag the trainer's own gradient check relies on. Fused again, with the
+    step counts where the fused kernel keeps them (float32, on the parameter's device)."""
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+
+
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
     """LR for optimizer step `step` (0-based): linear warmup to base_lr, cosine decay to min_lr.
 

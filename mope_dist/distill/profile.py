@@ -117,13 +117,12 @@ def busy_us(spans: list[tuple[float, float]]) -> float:
 
 class StepProfiler:
     """Profiles steps start+1 .. start+count. The training loop asks `opens_at(steps_done)` before a
-    step (then `open()`), calls `step_started()` at every iteration (skipped steps included: they cost
-    time too), and asks `closes_at(steps_done)` after a step is done (then `close_window()`)."""
+    step (then `open()`) and `closes_at(steps_done)` after a step is done (then `close_window()`)."""
 
     def __init__(self, start: int, count: int, device: torch.device, out_dir: Path | None, rank: int = 0):
         self.start, self.count, self.device = start, count, device
         self.out_dir, self.rank = out_dir, rank
-        self.prof, self.t0, self.iterations = None, 0.0, 0
+        self.prof, self.t0 = None, 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -139,11 +138,7 @@ class StepProfiler:
         self.prof = profile(activities=[ProfilerActivity.CPU, *cuda])
         self._sync()
         self.prof.start()
-        self.t0, self.iterations = time.perf_counter(), 0
-
-    def step_started(self) -> None:
-        if self.prof is not None:
-            self.iterations += 1
+        self.t0 = time.perf_counter()
 
     def closes_at(self, steps_done: int) -> bool:
         return self.prof is not None and steps_done == self.start + self.count
@@ -173,7 +168,7 @@ class StepProfiler:
         device = [e for e in events if e.device_type != DeviceType.CPU and not e.is_user_annotation]
         device_us = busy_us([(e.time_range.start, e.time_range.end) for e in device])
         host = [e for e in events if e.device_type == DeviceType.CPU and "Synchronize" not in e.name]
-        n = max(1, self.iterations)
+        n = self.count
         summary = {
             "steps": n,
             "wall_ms": 1e3 * wall_s / n,

@@ -49,7 +49,7 @@ from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
 from mope_dist.distill.engine import build_engine, gathered, own_clipping
 from mope_dist.distill.losses import DistillLoss, HiddenRecorder, clip_outputs, make_loss
 from mope_dist.distill.metrics import MetricsLog, MetricWindow, flat_numbers, format_line
-from mope_dist.distill.optim import lr_at, set_lr
+from mope_dist.distill.optim import lr_at, restore_fused, set_lr
 from mope_dist.distill.preempt import Preemption
 from mope_dist.distill.profile import StepProfiler
 from mope_dist.errors import JobError
@@ -134,7 +134,6 @@ def train(
             if profiler.opens_at(state.step):
                 with window.paused(run.device):
                     profiler.open()
-            profiler.step_started()
             set_lr(run.engine.optimizer, lr_at(state.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.min_lr))
             step = _step(run, batches, state, window)
             state.step += 1
@@ -261,6 +260,7 @@ def _resume(run: _Run) -> TrainState:
     state = TrainState()
     if tag is not None:
         state = TrainState(**run.ckpt.load(run.engine, tag)["train_state"])
+        restore_fused(run.engine.basic_optimizer)
         log.info(
             f"resumed from {run.ckpt.dir / tag}: step {state.step}, epoch {state.epoch} batch {state.batch_in_epoch}"
         )
