@@ -98,6 +98,8 @@ def test_loss_is_the_configs_and_contrastive_only_without_a_teacher(tiny_prunabl
 class FakeEngine:
     """Writes/reads what DeepSpeed would, minus the tensors."""
 
+    basic_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+
     def save_checkpoint(self, save_dir, tag, client_state, save_latest):
         assert not save_latest  # `latest` is ours, written only once the tag is complete
         d = Path(save_dir) / tag
@@ -166,11 +168,11 @@ def test_metrics_log_forgets_steps_after_the_resumed_checkpoint(tmp_path):
     assert any((tmp_path / "tensorboard").iterdir())
 
 
-def test_restore_fused_after_loading_a_non_fused_checkpoint():
+def test_settings_kept_when_loading_a_non_fused_checkpoint():
     """A non-fused AdamW's state loaded into a fused one turns it non-fused (torch keeps the saved
-    flags), which would refuse the found_inf flag; restored, it skips a flagged step exactly and
-    continues like the non-fused optimizer it was saved from."""
-    from mope_dist.distill.optim import restore_fused
+    settings), which would refuse the found_inf flag; with its settings kept, it skips a flagged step
+    exactly and continues like the non-fused optimizer it was saved from."""
+    from mope_dist.distill.optim import settings_kept
 
     torch.manual_seed(0)
     w0, grads = torch.randn(8), [torch.randn(8) for _ in range(3)]
@@ -180,9 +182,13 @@ def test_restore_fused_after_loading_a_non_fused_checkpoint():
     old_opt.step()
     new = torch.nn.Parameter(old.detach().clone())
     new_opt = torch.optim.AdamW([new], lr=0.1, fused=True)
-    new_opt.load_state_dict(copy.deepcopy(old_opt.state_dict()))  # as if from disk: no shared moments
-    assert new_opt.param_groups[0]["fused"] is False  # what the load did
-    restore_fused(new_opt)
+    saved = copy.deepcopy(old_opt.state_dict())  # as if from disk: no moments shared with old_opt
+    plain = torch.optim.AdamW([torch.nn.Parameter(old.detach().clone())], lr=0.1, fused=True)
+    plain.load_state_dict(saved)
+    assert plain.param_groups[0]["fused"] is False  # what a plain load does
+    with settings_kept(new_opt):
+        new_opt.load_state_dict(saved)
+    assert new_opt.param_groups[0]["fused"] is True
     new.grad = torch.full((8,), float("nan"))
     new_opt.found_inf = torch.tensor(1.0)
     new_opt.step()  # skipped

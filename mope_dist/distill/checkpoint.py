@@ -37,6 +37,7 @@ from pathlib import Path
 
 from mope_dist import dist
 from mope_dist.distill import elastic
+from mope_dist.distill.optim import settings_kept
 from mope_dist.distill.safe_load import weights_only_loading
 from mope_dist.errors import JobError
 from mope_dist.utils import atomic_write_json, atomic_write_text, get_logger
@@ -314,7 +315,11 @@ class CheckpointManager:
         universal = saved is not None and saved != dist.get_world_size()
         load_dir = elastic.universal_load_dir(self.dir, tag, saved) if universal else self.dir
         try:
-            with weights_only_loading(engine), elastic.universal_loading(engine, universal):
+            with (
+                weights_only_loading(engine),
+                elastic.universal_loading(engine, universal),
+                settings_kept(engine.basic_optimizer),
+            ):
                 path, client_state = engine.load_checkpoint(
                     str(load_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
                 )

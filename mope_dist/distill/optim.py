@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -37,17 +38,21 @@ def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
-def restore_fused(optimizer: torch.optim.Optimizer) -> None:
-    """After a checkpoint load: `load_state_dict` restores each group's saved flags, so a checkpoint
-    written by a non-fused AdamW (CPU runs before it was fused there) would switch the kernel back,
-    and with it the `found_inf` flag the trainer's own gradient check relies on. Fused again, with the
-    step counts where the fused kernel keeps them (float32, on the parameter's device)."""
-    for group in optimizer.param_groups:
-        group.update(fused=True, foreach=None)
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
+@contextlib.contextmanager
+def settings_kept(optimizer: torch.optim.Optimizer):
+    """Within: a checkpoint load that leaves this run's param-group settings (weight decay, betas, eps,
+    the fused kernel) as they were; the state (moments, step counts) is the checkpoint's. torch's
+    `load_state_dict` brings back the saved settings: a non-fused flag from a CPU run before AdamW was
+    fused there, which refuses the trainer's `found_inf`; and DeepSpeed's universal ZeRO-3 load copies
+    the first group's onto every group, weight decay onto norms and biases included. Step counts go
+    where the fused kernel keeps them (float32, on their parameter's device)."""
+    saved = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
+    for group, settings in zip(optimizer.param_groups, saved, strict=True):
+        group.update(settings)
+    for p, state in optimizer.state.items():
+        if "step" in state:
+            state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=p.device)
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:

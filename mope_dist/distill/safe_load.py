@@ -1,7 +1,8 @@
 """DeepSpeed checkpoint files read with torch.load(weights_only=True), never with arbitrary unpickling.
 
 DeepSpeed 0.19 reads its own files with `weights_only=False` in the engine's checkpoint engine, in
-zero_to_fp32 and in the universal-checkpoint code (ds_to_universal and the loader it feeds). Within
+zero_to_fp32 and in the universal-checkpoint code (ds_to_universal, the loader it feeds, and the ZeRO
+optimizers' universal loaders). Within
 `weights_only_loading()` all of those read through `safe_torch_load` instead, which allows only the
 few non-tensor classes DeepSpeed puts in its files (loss scaler, ZeRO stage enum, fragment addresses).
 """
@@ -20,6 +21,8 @@ DS_LOADING_MODULES = (
     "deepspeed.checkpoint.deepspeed_checkpoint",
     "deepspeed.checkpoint.zero_checkpoint",
     "deepspeed.checkpoint.universal_checkpoint",
+    "deepspeed.runtime.base_optimizer",  # ZeRO 1-2 optimizer state from a universal checkpoint
+    "deepspeed.runtime.zero.stage3",  # ZeRO-3's, and its fp32 / moment fragments
 )
 
 

@@ -49,7 +49,7 @@ from mope_dist.distill.checkpoint import CheckpointManager, Mirror, step_tag
 from mope_dist.distill.engine import build_engine, gathered, own_clipping
 from mope_dist.distill.losses import DistillLoss, HiddenRecorder, clip_outputs, make_loss
 from mope_dist.distill.metrics import MetricsLog, MetricWindow, flat_numbers, format_line
-from mope_dist.distill.optim import lr_at, restore_fused, set_lr
+from mope_dist.distill.optim import lr_at, set_lr
 from mope_dist.distill.preempt import Preemption
 from mope_dist.distill.profile import StepProfiler
 from mope_dist.errors import JobError
@@ -260,7 +260,6 @@ def _resume(run: _Run) -> TrainState:
     state = TrainState()
     if tag is not None:
         state = TrainState(**run.ckpt.load(run.engine, tag)["train_state"])
-        restore_fused(run.engine.basic_optimizer)
         log.info(
             f"resumed from {run.ckpt.dir / tag}: step {state.step}, epoch {state.epoch} batch {state.batch_in_epoch}"
         )
