@@ -87,9 +87,9 @@ def make_proxies(model, n_images: int = 27):
     labels = torch.randint(K, (n_images,), generator=g)
     labels[::2] = pred[::2]
     cls = ClassificationProxy(images, labels, class_texts)
-    n_txt = 2 * n_images - 5  # most images have two captions, a few have one
+    n_txt = 2 * n_images - 5  # most images have two captions, a few three, the last 3 none
     ret = RetrievalProxy(
-        tiny_images(n_images, seed=4), tiny_texts(n_txt, seed=5), torch.arange(n_txt) % n_images
+        tiny_images(n_images, seed=4), tiny_texts(n_txt, seed=5), torch.arange(n_txt) % (n_images - 3)
     )
     return cls, ret
 
@@ -344,3 +344,43 @@ def test_write_scores_json_png_tensorboard(model, tmp_path):
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_proxy_counts_match_topk_recall_count_ties_against_the_query_and_ignore_autocast():
+    """Retrieval hits equal evaluation's top-k recall on distinct similarities; a gallery collapsed to
+    one feature (what removing a whole tower can do) ties every query and hits nothing; both count
+    functions give the same counts under bf16 autocast (the scoring engine runs the encoders so)."""
+    import torch.nn.functional as F
+
+    from mope_dist.eval.retrieval import _hits
+    from mope_dist.mope.proxies import RECALL_KS, classification_counts, retrieval_counts
+
+    g = torch.Generator().manual_seed(0)
+    n_img, n_txt, d = 30, 45, 16
+    owner = torch.randint(0, n_img, (n_txt,), generator=g)
+    img = F.normalize(torch.randn(n_img, d, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(n_txt, d, generator=g), dim=-1)
+    scale = torch.tensor(10.0)
+    positives = owner[:, None] == torch.arange(n_img)[None, :]  # text -> image
+    counts = retrieval_counts(txt[None], img[None], positives, scale)
+    top = _hits(txt, owner, img, torch.arange(n_img), max(RECALL_KS), chunk=7)
+    assert counts[0, :3].tolist() == [int(top[:, :k].any(1).sum()) for k in RECALL_KS]
+    collapsed = img[:1].expand(n_img, d)
+    assert retrieval_counts(txt[None], collapsed[None], positives, scale)[0, :3].tolist() == [0, 0, 0]
+
+    labels = torch.randint(0, 500, (64,), generator=g)
+    feats = F.normalize(torch.randn(64, d, generator=g), dim=-1)
+    classifier = F.normalize(torch.randn(500, d, generator=g), dim=-1)
+    exact = classification_counts(feats[None], classifier[None], labels, scale)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(retrieval_counts(txt[None], img[None], positives, scale), counts)
+        assert torch.equal(classification_counts(feats[None], classifier[None], labels, scale), exact)
+
+
+def test_proxies_refuse_indices_outside_their_images_and_classes():
+    images, texts = tiny_images(4), tiny_texts(3)
+    for bad in (-1, 4):
+        with pytest.raises(ValueError, match=r"text_to_image indices must lie in \[0, 4\)"):
+            RetrievalProxy(images, texts, torch.tensor([0, 1, bad]))
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+            ClassificationProxy(images, torch.tensor([0, 1, 2, bad]), tiny_texts(8).view(4, 2, -1))

@@ -201,14 +201,12 @@ class _RetrievalScorer:
             txt = texts[c0 : c0 + step] if texts.shape[0] > 1 else texts
             for s, e in self.streams["vision"].batches:
                 positives = self.t2i[None, :] == torch.arange(s, e, device=images.device)[:, None]
-                sims = img[:, s:e] @ txt.transpose(1, 2)
-                hits[c0 : c0 + step, i2t] += retrieval_counts(sims, positives, self.scale)
+                hits[c0 : c0 + step, i2t] += retrieval_counts(img[:, s:e], txt, positives, self.scale)
             for s, e in self.streams["text"].batches:
                 positives = (
                     self.t2i[s:e, None] == torch.arange(images.shape[1], device=images.device)[None, :]
                 )
-                sims = txt[:, s:e] @ img.transpose(1, 2)
-                hits[c0 : c0 + step, t2i] += retrieval_counts(sims, positives, self.scale)
+                hits[c0 : c0 + step, t2i] += retrieval_counts(txt[:, s:e], img, positives, self.scale)
         return hits
 
     def gathered_rows(self, tower: str) -> int:

@@ -41,10 +41,10 @@ class ClassificationProxy:
             raise ValueError(
                 f"class_texts must be [classes, templates, context], got {tuple(self.class_texts.shape)}"
             )
-        if self.labels.numel() and int(self.labels.max()) >= self.class_texts.shape[0]:
-            raise ValueError(
-                f"label {int(self.labels.max())} >= number of classes {self.class_texts.shape[0]}"
-            )
+        if self.labels.numel() and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(
+            self.class_texts
+        ):
+            raise ValueError(f"labels must lie in [0, {len(self.class_texts)}), the classes")
 
     @property
     def num_counts(self) -> int:
@@ -76,8 +76,9 @@ class RetrievalProxy:
             raise ValueError(
                 f"{self.texts.shape[0]} texts but {self.text_to_image.shape[0]} text_to_image entries"
             )
-        if self.text_to_image.numel() and int(self.text_to_image.max()) >= self.images.shape[0]:
-            raise ValueError("text_to_image points past the last image")
+        t2i = self.text_to_image
+        if t2i.numel() and not 0 <= int(t2i.min()) <= int(t2i.max()) < self.images.shape[0]:
+            raise ValueError(f"text_to_image indices must lie in [0, {self.images.shape[0]}), the images")
 
     @property
     def num_counts(self) -> int:
@@ -144,25 +145,32 @@ def classification_counts(
     image_features: Tensor, classifier: Tensor, labels: Tensor, scale: Tensor
 ) -> Tensor:
     """[C, 2]: top-1 correct count and fixed-point sum of log p(label) for image features [C|1, n, D]
-    against class embeddings [C|1, K, D]."""
-    logits = image_features.float() @ classifier.float().transpose(-1, -2)
-    correct = (logits.argmax(-1) == labels).sum(-1)
-    logp = (scale * logits).log_softmax(-1).gather(-1, labels.expand(logits.shape[:-1])[..., None])
+    against class embeddings [C|1, K, D]. In fp32 even under the encoders' bf16 autocast, whose
+    rounding would tie close classes."""
+    with torch.autocast(image_features.device.type, enabled=False):
+        logits = image_features.float() @ classifier.float().transpose(-1, -2)
+        correct = (logits.argmax(-1) == labels).sum(-1)
+        logp = (scale * logits).log_softmax(-1).gather(-1, labels.expand(logits.shape[:-1])[..., None])
     return torch.stack([correct, fixed_point(logp[..., 0]).sum(-1)], dim=-1)
 
 
-def retrieval_counts(sims: Tensor, positives: Tensor, scale: Tensor) -> Tensor:
-    """[C, 4]: hits at R@1/5/10 and the fixed-point sum of log p(positives) for similarities
-    [C, n_queries, n_gallery] and a positive mask [n, G].
+def retrieval_counts(queries: Tensor, gallery: Tensor, positives: Tensor, scale: Tensor) -> Tensor:
+    """[C, 4]: hits at R@1/5/10 and the fixed-point sum of log p(positives) for query features
+    [C|1, n, D] against gallery features [C|1, G, D] and a positive mask [n, G]; the similarities in
+    fp32 even under the encoders' bf16 autocast.
 
-    A query's rank is the number of gallery items scoring strictly above its best positive (ties go
-    in the query's favour); it hits at K when that rank is < K. Its log-probability is that of all its
-    positives together under the softmax over the gallery. Queries without a positive count nothing.
+    A query's rank is the number of gallery items other than its positives scoring at least as high as
+    its best positive (ties go against the query: features collapsed by a removed module must not
+    rank every query first); it hits at K when that rank is < K. Its log-probability is that of all
+    its positives together under the softmax over the gallery. Queries without a positive count
+    nothing.
     """
-    best = sims.masked_fill(~positives, float("-inf")).amax(-1, keepdim=True)
-    rank = (sims > best).sum(-1)
-    valid = positives.any(-1)
-    hits = [((rank < k) & valid).sum(-1) for k in RECALL_KS]
-    logp = (scale * sims.float()).log_softmax(-1).masked_fill(~positives, float("-inf")).logsumexp(-1)
-    logp = fixed_point(logp.masked_fill(~valid, 0.0)).sum(-1)
+    with torch.autocast(queries.device.type, enabled=False):
+        sims = queries.float() @ gallery.float().transpose(-1, -2)
+        best = sims.masked_fill(~positives, float("-inf")).amax(-1, keepdim=True)
+        rank = (sims > best).sum(-1) + ((sims == best) & ~positives).sum(-1)
+        valid = positives.any(-1)
+        hits = [((rank < k) & valid).sum(-1) for k in RECALL_KS]
+        logp = (scale * sims).log_softmax(-1).masked_fill(~positives, float("-inf")).logsumexp(-1)
+        logp = fixed_point(logp.masked_fill(~valid, 0.0)).sum(-1)
     return torch.stack([*hits, logp], dim=-1)

@@ -44,9 +44,9 @@ def proxy_counts(model, proxy: Proxy, device: torch.device | str = "cpu", batch_
     out = evaluate_retrieval(
         model, proxy.images, proxy.texts, proxy.text_to_image, device, batch_size=batch_size, autocast=False
     )
-    n_img, n_txt = proxy.images.shape[0], proxy.texts.shape[0]
-    return [round(out[f"i2t_R@{k}"] * n_img) for k in RECALL_KS] + [
-        round(out[f"t2i_R@{k}"] * n_txt) for k in RECALL_KS
+    n_i2t, n_t2i = out["n_i2t_queries"], proxy.texts.shape[0]  # recalls are fractions of the queries
+    return [round(out[f"i2t_R@{k}"] * n_i2t) for k in RECALL_KS] + [
+        round(out[f"t2i_R@{k}"] * n_t2i) for k in RECALL_KS
     ]
 
 
