@@ -136,6 +136,13 @@ def test_checkpoints_keep_last_k_and_never_take_an_incomplete_one(tmp_path):
     assert ckpt.latest() == step_tag(40) and (ckpt.dir / step_tag(40) / MARKER).is_file()
     assert ckpt.complete_tags() == [step_tag(20), step_tag(40)] and not (ckpt.dir / step_tag(30)).exists()
 
+    # step 60 complete but never named `latest` (the run died in between): the resumed run goes on from
+    # step 40 and saves at 50, off the grid (preemption); 50 is kept, 60 (a future passed over) goes
+    ckpt.save(engine, 60, {"train_state": {"step": 60}})
+    (ckpt.dir / "latest").write_text(step_tag(40))
+    ckpt.save(engine, 50, {"train_state": {"step": 50}})
+    assert ckpt.complete_tags() == [step_tag(40), step_tag(50)] and ckpt.latest() == step_tag(50)
+
 
 def test_mirror_copies_in_background_to_fsspec_url(tmp_path):
     import fsspec

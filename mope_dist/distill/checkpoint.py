@@ -297,11 +297,14 @@ class CheckpointManager:
         raise JobError(dist.broadcast_object(text))
 
     def _prune(self, keep_from: str) -> list[str]:
-        """Delete all but the newest `keep` complete tags, and incomplete tags older than `keep_from`."""
-        complete = self.complete_tags()
-        newest = int(TAG_RE.match(keep_from).group(1))
-        doomed = complete[: -self.keep] + [
-            t for t in self._tags() if t not in complete and int(TAG_RE.match(t).group(1)) < newest
+        """After saving `keep_from`: delete all but the newest `keep` complete tags up to it, incomplete
+        tags before it, and every tag past it (left by a run that died before naming them `latest`,
+        passed over by the resume that led here: this run's future, not its past)."""
+        step_of = lambda t: int(TAG_RE.match(t).group(1))  # noqa: E731
+        newest, complete = step_of(keep_from), self.complete_tags()
+        kept_from = [t for t in complete if step_of(t) <= newest]
+        doomed = kept_from[: -self.keep] + [
+            t for t in self._tags() if step_of(t) > newest or (t not in complete and step_of(t) < newest)
         ]
         for t in doomed:
             shutil.rmtree(self.dir / t, ignore_errors=True)
