@@ -215,8 +215,9 @@ class OutputConfig:
     dir: str = "runs/default"
     # Reuse an output dir written with a different config (otherwise refused).
     overwrite: bool = False
-    # Optional fsspec URL (s3://, gs://, ...) that checkpoints and logs are copied to in the background,
-    # laid out as under `dir` (fine-tuning's teacher and stages each in their sub-path).
+    # Optional fsspec URL (s3://, gs://, ...) that checkpoints, logs, scores, plan, pruned/ and final/
+    # are copied to in the background, laid out as under `dir` (fine-tuning's teacher and stages each
+    # in their sub-path); a checkpoint's marker goes last, a failed copy is retried at the next one.
     sync_url: str | None = None
 
 

@@ -160,6 +160,35 @@ def test_mirror_copies_in_background_to_fsspec_url(tmp_path):
     assert fs.cat("/run1/metrics.jsonl") == b'{"step": 1}\n'
 
 
+def test_mirror_puts_the_marker_last_and_retries_what_failed(tmp_path):
+    """An outage at the first checkpoint: its copy is retried with the next sync; each tag's marker is
+    uploaded after its files, so a remote tag with a marker is whole."""
+    import fsspec
+
+    mirror = Mirror("memory://run2", tmp_path)
+    put, order, outage = mirror.fs.put_file, [], [True]
+
+    def flaky_put(local, remote, **kw):
+        if outage.pop() if outage else False:
+            raise OSError("503 Slow Down")
+        order.append(remote.rsplit("/", 2)[-2:])
+        return put(local, remote, **kw)
+
+    mirror.fs.put_file = flaky_put
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep=2, mirror=mirror)
+    ckpt.save(FakeEngine(), 1, {"train_state": {}})
+    mirror._jobs.join()
+    assert order == []  # the outage
+    ckpt.save(FakeEngine(), 2, {"train_state": {}})
+    mirror.close()
+    fs = fsspec.filesystem("memory")
+    for step in (1, 2):
+        assert fs.exists(f"/run2/checkpoints/{step_tag(step)}/{MARKER}")
+        names = [name for tag, name in order if tag == step_tag(step)]
+        assert names[-1] == MARKER and len(names) == 3, names
+    assert fs.cat("/run2/checkpoints/latest").decode().strip() == step_tag(2)
+
+
 def test_metrics_log_forgets_steps_after_the_resumed_checkpoint(tmp_path):
     log = MetricsLog(tmp_path)
     for step in (1, 2, 3):

@@ -167,6 +167,9 @@ def test_staged_run_resumes_between_stages(tmp_path):
     for run in ("teacher", "stage_0_width", "stage_1_depth"):
         assert (tmp_path / "mirror" / run / "checkpoints" / "latest").is_file(), run
         assert (tmp_path / "mirror" / run / "metrics.jsonl").is_file(), run
+        assert (tmp_path / "mirror" / run / "final" / "model.safetensors").is_file(), run
+    for run in ("stage_0_width", "stage_1_depth"):  # what converting their checkpoints needs
+        assert (tmp_path / "mirror" / run / "pruned" / "config.json").is_file(), run
     assert not (tmp_path / "mirror" / "checkpoints").exists()
 
 

@@ -103,8 +103,10 @@ def damaged_file(tag_dir: Path) -> str | None:
 class Mirror:
     """Rank-0 background copy of run artifacts to an fsspec URL (s3://, gs://, file://, memory://).
 
-    Training never waits for it: jobs are queued and a daemon thread copies them in order; a failed
-    copy is logged and retried at the next sync. `close()` drains the queue at the end of training.
+    Training never waits for it: jobs are queued and a daemon thread copies them in order, a tag's
+    marker after its other files (a remote tag that has its marker is whole). A failed copy is logged
+    and its paths retried with the next sync; `close()` drains the queue, tries what failed once more,
+    and logs an error naming what is still not copied.
     """
 
     def __init__(self, url: str, local_root: str | os.PathLike):
@@ -124,27 +126,37 @@ class Mirror:
     def _put(self, rel: str) -> None:
         local = self.local_root / rel
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        files.sort(key=lambda p: p.name == MARKER)  # stable: the marker last
         for f in files:
             remote = f"{self.root}/{f.relative_to(self.local_root).as_posix()}"
             self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(f), remote)
 
+    def _copy(self, paths: list[str], delete: list[str]) -> None:
+        for rel in paths:
+            if (self.local_root / rel).exists():
+                self._put(rel)
+        for rel in delete:
+            if self.fs.exists(f"{self.root}/{rel}"):
+                self.fs.rm(f"{self.root}/{rel}", recursive=True)
+
     def _run(self) -> None:
+        paths, delete = [], []  # what failed is tried again with the next job
         while (job := self._jobs.get()) is not None:
-            paths, delete = job
+            paths, delete = list(dict.fromkeys(paths + job[0])), list(dict.fromkeys(delete + job[1]))
             try:
-                for rel in paths:
-                    if (self.local_root / rel).exists():
-                        self._put(rel)
-                for rel in delete:
-                    if self.fs.exists(f"{self.root}/{rel}"):
-                        self.fs.rm(f"{self.root}/{rel}", recursive=True)
+                self._copy(paths, delete)
+                paths, delete = [], []
             except Exception as e:  # a mirror outage must not stop training
                 log.warning(
                     f"mirror to {self.root} failed ({type(e).__name__}: {e}); will retry at next sync"
                 )
             finally:
                 self._jobs.task_done()
+        try:
+            self._copy(paths, delete)
+        except Exception as e:
+            log.error(f"mirror to {self.root}: {paths + delete} not copied ({type(e).__name__}: {e})")
         self._jobs.task_done()
 
     def close(self) -> None:

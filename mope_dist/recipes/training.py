@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mope_dist.config import Config
+from mope_dist.distill.checkpoint import Mirror
 from mope_dist.distill.engine import export_student, release_engine
 from mope_dist.distill.trainer import TrainState, train
 from mope_dist.recipes.builders import TrainData, micro_batch_size
@@ -25,24 +26,36 @@ def train_and_export(
 ) -> TrainState:
     """train() with cfg's distill and deepspeed sections into `out` (no teacher: contrastive only),
     export out/final, then free the engine, so that several trainings can run one after another in
-    one process (pass models nobody else holds, or they stay alive)."""
-    result = train(
-        student,
-        teacher,
-        data.loader,
-        cfg.distill,
-        cfg.deepspeed,
-        micro_batch_size=micro_batch_size(cfg, info.world_size),
-        output_dir=out,
-        dist_info=info,
-        max_skip_rate=cfg.data.max_skip_rate,
-        mirror_url=mirror_url(cfg, out),
-        evaluate=evaluate,
-        normalize=data.normalize,
-    )
-    export_student(
-        result.engine, out / "final", provenance={**(provenance or {}), "steps": result.state.step}
-    )
+    one process (pass models nobody else holds, or they stay alive). With output.sync_url, the
+    models beside the checkpoints are mirrored too: the scores (hours of work at scale), the plan and
+    pruned/ (which converting a checkpoint needs) while training runs, final/ once exported."""
+    url = mirror_url(cfg, out)
+    models = Mirror(url, out) if url and info.is_main else None
+    if models is not None:
+        models.sync([name for name in ("scores", "plan.json", "pruned") if (out / name).exists()])
+    try:
+        result = train(
+            student,
+            teacher,
+            data.loader,
+            cfg.distill,
+            cfg.deepspeed,
+            micro_batch_size=micro_batch_size(cfg, info.world_size),
+            output_dir=out,
+            dist_info=info,
+            max_skip_rate=cfg.data.max_skip_rate,
+            mirror_url=url,
+            evaluate=evaluate,
+            normalize=data.normalize,
+        )
+        export_student(
+            result.engine, out / "final", provenance={**(provenance or {}), "steps": result.state.step}
+        )
+        if models is not None:
+            models.sync(["final"])
+    finally:
+        if models is not None:
+            models.close()
     release_engine(result.engine)
     state = result.state
     del result, student, teacher
