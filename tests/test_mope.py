@@ -231,7 +231,8 @@ def _score_saved(out_dir: Path) -> dict:
     kw = dict(batch_size=4, candidates_per_forward=4, gather_bytes=30000, progress=False)
     out = {name: score_mope(model, units, p, **kw).to_dict() for name, p in (("cls", cls), ("ret", ret))}
     # Taylor with batches so large that rank 1 holds no query and no prompt: it still all-reduces alike
-    out["taylor"] = score_taylor(model, units, cls, batch_size=32).scores
+    taylor = score_taylor(model, units, cls, batch_size=32)
+    out["taylor"], out["taylor_loss"] = taylor.scores, taylor.meta["loss"]  # this rank's share summed
     return out
 
 
@@ -259,6 +260,7 @@ def test_two_ranks_equal_one(model, tmp_path):
         torch.testing.assert_close(
             torch.tensor(got["taylor"]), torch.tensor(one["taylor"]), rtol=1e-5, atol=0
         )
+        assert got["taylor_loss"] == pytest.approx(one["taylor_loss"], rel=1e-5)
 
 
 def _worker(out_dir: Path):

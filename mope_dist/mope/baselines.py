@@ -205,5 +205,9 @@ def score_taylor(
         method="taylor",
         units=units,
         scores=scores,
-        meta={"proxy": proxy.kind, "loss": float(loss.detach()), "world_size": world},
+        meta={
+            "proxy": proxy.kind,
+            "loss": float(dist.all_reduce_sum(loss.detach().clone())),
+            "world_size": world,
+        },
     )

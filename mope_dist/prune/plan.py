@@ -61,7 +61,8 @@ def _ranked(units: list[dict]) -> list[dict]:
 def _require(units: list[dict], tower: str, kind: str) -> list[dict]:
     if not units:
         raise ConfigError(
-            f"prune.{tower}: a target needs {kind} scores for the {tower} tower; add {kind!r} to mope.kinds"
+            f"prune.{tower}: a target needs {kind} scores for the {tower} tower; add {kind!r} to "
+            f"mope.kinds and {tower!r} to mope.towers"
         )
     return units
 

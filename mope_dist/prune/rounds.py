@@ -67,9 +67,10 @@ def score_in_rounds(
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     units = list(units)
+    if units:  # the targets can be met from these units: a missing kind fails now, not after scoring
+        make_plan(model.spec, [u.to_dict() | {"score": 0.0} for u in units], targets, allocation)
     if rounds == 1 or not units:
         return score(model, units)
-    make_plan(model.spec, [u.to_dict() | {"score": 0.0} for u in units], targets, allocation)  # targets fit?
     values: dict[Unit, dict] = {}  # unit -> its scores.json fields from the last round that scored it
     first: ScoreResult | None = None
     round_base_z, round_units = [], []
