@@ -6,12 +6,14 @@ simulated in one process with explicit rank/world_size; samples carry their id i
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
 from collections import Counter
 
 import pytest
+import torch
 import webdataset as wds
 from test_data import id_records, id_tokenizer, tiny_jpeg, write_id_shards
 from torchvision.transforms.functional import pil_to_tensor
@@ -187,3 +189,32 @@ def test_a_position_from_another_run_is_refused(tmp_path):
     loader = ImageTextLoader(spec, pil_to_tensor, id_tokenizer, 4, 2, seed=4)
     with pytest.raises(ValueError, match="does not fit this loader"):
         loader.load_state_dict([state])
+
+
+def test_random_crops_are_the_same_after_resumes_also_on_another_worker_count(tmp_path):
+    """The transform's random crop is drawn from the sample (seed, epoch, shard, key), so a run resumed
+    mid-epoch gets the uninterrupted run's pixels, not only its samples; resumed on 1 worker instead
+    of 2, the rest of the epoch holds the same cropped images (batched in another order)."""
+    from torchvision.transforms import Compose, PILToTensor, RandomResizedCrop
+
+    from mope_dist.data.synthetic import write_image_text_shards
+
+    spec = write_image_text_shards(tmp_path / "shards", 32, 8, image_size=24)
+    crop = Compose([RandomResizedCrop(12, scale=(0.1, 1.0)), PILToTensor()])
+
+    def loader(workers, state=None):
+        tokenizer = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731
+        made = ImageTextLoader(spec, crop, tokenizer, 4, workers, seed=3, shuffle_buffer=6)
+        if state is not None:
+            made.load_state_dict([state])
+        return made
+
+    def images(batches) -> list[bytes]:
+        return [image.numpy().tobytes() for batch, _ in batches for image in batch]
+
+    reference = images(loader(2))  # one epoch: 8 batches
+    first = loader(2)
+    head = images(itertools.islice(first, 3))
+    assert head + images(loader(2, first.state_dict())) == reference
+    assert sorted(images(loader(1, first.state_dict()))) == sorted(reference[len(head) :])
+    assert len(set(reference)) == len(reference)  # every crop differs

@@ -213,9 +213,9 @@ def test_device_decode_matches_the_worker_path():
     reference = normalize(expected)
     assert got.shape == reference.shape == (8, 3, 48, 48) and got.dtype == torch.float32
     assert torch.equal(got[5:], reference[5:])  # PNG, CMYK, trailing bytes: decoded in the worker
-    whole = decoder(batch, torch.device("cpu"))
+    whole, stand_ins = decoder(batch, torch.device("cpu"))
     decoder.chunk = 2  # the 5 JPEGs in three batched decodes
-    assert torch.equal(decoder(batch, torch.device("cpu")), whole)
+    assert torch.equal(decoder(batch, torch.device("cpu"))[0], whole) and stand_ins is None
     diff = (whole.float() - expected.float()).abs()
     # measured: mean 0.11, max 9 levels (grayscale JPEG -> RGB included)
     assert diff[:5].mean() < 0.5 and diff[:5].max() <= 12, (diff.mean(), diff.max())
@@ -235,16 +235,20 @@ def test_device_decode_refuses_truncated_jpegs_and_other_transforms():
 
 def test_device_decode_replaces_an_undecodable_jpeg():
     """A JPEG whose header and end marker look right but whose data is garbage: decoded neither on the
-    device nor on the CPU, another image of the batch stands in, counted."""
+    device nor on the CPU, another sample of the batch stands in, its caption with it, counted."""
     from mope_dist.data.device import collate_images, split_decode
 
     crops, decoder = split_decode(split_normalize(image_transform_v2(CFG, is_train=True))[0])
     good = _encoded(1)[0]
     header = good.index(b"\xff\xda")  # start of scan: keep the headers, garble the entropy-coded data
     bad = good[: header + 2] + b"\x00\x07" + b"\xff" * 300 + b"\xff\xd9"
-    batch = collate_images([crops(good), crops(bad)])
-    images = decoder(batch, torch.device("cpu"))
+    batch = collate_images([crops(good), crops(bad), crops(good)])
+    normalize = split_normalize(image_transform_v2(CFG, is_train=True))[1]
+    normalize.decoder = decoder
+    tokens = torch.tensor([[10], [11], [12]])
+    (images, got_tokens), *_ = DevicePrefetcher([(batch, tokens)], "cpu", normalize)
     assert decoder.replaced == 1 and torch.equal(images[1], images[0])
+    assert got_tokens.flatten().tolist() == [10, 10, 12]  # the image's own caption, not the bad one's
 
 
 def test_loader_with_device_decode_yields_jpeg_batches(tmp_path):
@@ -279,7 +283,10 @@ def test_device_decode_on_cuda_matches_cpu():
 
     crops, decoder = split_decode(split_normalize(image_transform_v2(CFG, is_train=True))[0])
     batch = collate_images([crops(e) for e in _encoded(5)])
-    got, ref = decoder(batch.pin_memory(), torch.device("cuda")), decoder(batch, torch.device("cpu"))
+    (got, _), (ref, _) = (
+        decoder(batch.pin_memory(), torch.device("cuda")),
+        decoder(batch, torch.device("cpu")),
+    )
     assert got.is_cuda and decoder.replaced == 0
     diff = (got.cpu().float() - ref.float()).abs()
     assert diff.mean() < 1.0 and diff.max() <= 16, (diff.mean(), diff.max())

@@ -163,17 +163,18 @@ class JpegCrops:
 
 
 class JpegDecoder:
-    """Device side of data.decode=device: a JpegBatch -> uint8 [B, 3, H, W] on `device`. The JPEGs are
-    decoded in batched calls of `chunk` images (full-size decoded images are large: the chunk bounds
-    their memory), then each is cropped and resized (antialiased, the transform's interpolation) on
-    the device; a JPEG that fails there is decoded on the CPU, and one that fails there too is
-    replaced by another image of its batch (counted in `replaced`, logged)."""
+    """Device side of data.decode=device: a JpegBatch -> (uint8 [B, 3, H, W] on `device`, stand-ins).
+    The JPEGs are decoded in batched calls of `chunk` images (full-size decoded images are large: the
+    chunk bounds their memory), then each is cropped and resized (antialiased, the transform's
+    interpolation) on the device; a JPEG that fails there is decoded on the CPU, and one that fails
+    there too is replaced by another sample of its batch (counted in `replaced`, logged): stand-ins
+    is then the row each row's sample comes from, for the captions to follow (else None)."""
 
     def __init__(self, crop: RandomResizedCrop, chunk: int = 64):
         self.size, self.interpolation, self.chunk = list(crop.size), crop.interpolation, chunk
         self.replaced = 0
 
-    def __call__(self, batch: JpegBatch, device: torch.device) -> torch.Tensor:
+    def __call__(self, batch: JpegBatch, device: torch.device) -> tuple[torch.Tensor, list[int] | None]:
         from torchvision.transforms.v2.functional import resized_crop
 
         out = torch.empty(len(batch), 3, *self.size, dtype=torch.uint8, device=device)
@@ -191,10 +192,14 @@ class JpegDecoder:
                 out[row] = resized_crop(
                     image, *box, self.size, interpolation=self.interpolation, antialias=True
                 )
-        if missing:  # undecodable: another image of the batch stands in (black if there is none)
-            good = [r for r in range(len(batch)) if r not in missing]
-            out[missing] = out[good[0]].clone() if good else 0
-        return out
+        if not missing:
+            return out, None
+        good = [r for r in range(len(batch)) if r not in missing]
+        if not good:  # nothing decodable in the whole batch: black images
+            out.zero_()
+            return out, None
+        out[missing] = out[good[0]].clone()  # another sample of the batch stands in, caption included
+        return out, [good[0] if r in missing else r for r in range(len(batch))]
 
     def _decode(self, datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -306,24 +311,27 @@ class DevicePrefetcher:
             return None
         images, tokens, *rest = batch
         if self.stream is None or images.device == self.device:
-            tokens = tokens.to(self.device)
-            return (self._prepare(images), tokens, *rest), None
+            return (*self._prepare(images, tokens.to(self.device)), *rest), None
         with torch.cuda.stream(self.stream):
             if not isinstance(images, JpegBatch):  # (JPEGs are read from host memory by the decoder)
                 images = _pinned(images).to(self.device, non_blocking=True)
             tokens = _pinned(tokens).to(self.device, non_blocking=True)
-            images = self._prepare(images)
+            images, tokens = self._prepare(images, tokens)
             copied = self.stream.record_event()
         return (images, tokens, *rest), copied
 
-    def _prepare(self, images: torch.Tensor | JpegBatch) -> torch.Tensor:
+    def _prepare(
+        self, images: torch.Tensor | JpegBatch, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(images, JpegBatch):
             if self.normalize is None or self.normalize.decoder is None:
                 raise ValueError("encoded JPEG batch but no decoder given (see split_decode)")
-            images = self.normalize.decoder(images, self.device)
+            images, stand_ins = self.normalize.decoder(images, self.device)
+            if stand_ins is not None:
+                tokens = tokens[stand_ins]
         images = images.to(self.device)
         if self.normalize is not None:
-            return self.normalize(images, self.dtype)
+            return self.normalize(images, self.dtype), tokens
         if images.dtype == torch.uint8:
             raise ValueError("uint8 image batch but no normalize given (see split_normalize)")
-        return images.to(self.dtype)
+        return images.to(self.dtype), tokens

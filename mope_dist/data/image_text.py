@@ -52,7 +52,7 @@ from mope_dist.data.samples import (
     usable,
 )
 from mope_dist.data.shards import check_protocols, expand_shards, shard_sizes
-from mope_dist.data.sources import ShardReader, SourceSpec
+from mope_dist.data.sources import ShardReader, SourceSpec, seeded
 from mope_dist.utils import get_logger, is_local_path
 
 log = get_logger("mope_dist.data")
@@ -128,12 +128,18 @@ class _WorkerStream(IterableDataset):
                     index += 1
                     if "__missing__" not in sample:  # a sample missing from a damaged shard: counted there
                         sample["__index__"] = index - 1
+                        sample["__epoch__"] = epoch
                         yield sample
 
     def _convert(self, sample: dict):
         image, text = image_of(sample), caption_of(sample)
         if not getattr(self.preprocess, "encoded", False):  # JpegCrops takes the encoded image
             image = decode_image(image)
+        # the transform's random crop drawn from the sample itself (seed, epoch, shard, key), not from
+        # how many samples this worker transformed before: a resumed or re-laid-out run (other ranks
+        # or workers) gets the same pixels, not only the same samples
+        parts = (self.spec.seed, sample.get("__epoch__"), sample.get("__url__"), sample.get("__key__"))
+        torch.default_generator.manual_seed(seeded(*parts).getrandbits(63))
         return self.preprocess(image), text, sample.get("__index__")
 
     def _collate(self, logical: int, items: list):
