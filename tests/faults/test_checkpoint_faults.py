@@ -28,6 +28,8 @@ FILES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.p
 class FakeEngine:
     """engine.save_checkpoint / load_checkpoint as DeepSpeed lays them out; can fail like a full disk."""
 
+    basic_optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])  # its settings are kept
+
     def __init__(self, fail_at: str | None = None):
         self.fail_at = fail_at  # tag whose second file hits "no space left"
 
