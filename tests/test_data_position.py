@@ -218,3 +218,22 @@ def test_random_crops_are_the_same_after_resumes_also_on_another_worker_count(tm
     assert head + images(loader(2, first.state_dict())) == reference
     assert sorted(images(loader(1, first.state_dict()))) == sorted(reference[len(head) :])
     assert len(set(reference)) == len(reference)  # every crop differs
+
+
+def test_a_shard_shorter_than_its_declared_size_is_counted_and_named(tmp_path):
+    """Intact, but 4 samples where sizes.json says 12: its samples are used, the shortfall is counted
+    (short_shard) and the shard named once, instead of being made up silently by repeats."""
+    spec = write_id_shards(tmp_path, [12] * 4)
+    write_tar(tmp_path / "000002.tar", id_records(24, 4))
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("mope_dist").addHandler(handler)
+    try:
+        loader = make(spec, workers=0)  # in this process: its log lines reach the handler
+        got = [i for _, tokens in loader for i in tokens[:, 0].tolist()]
+    finally:
+        logging.getLogger("mope_dist").removeHandler(handler)
+    assert set(range(24, 28)) <= set(got) and loader.skipped()["short_shard"] >= 1
+    short = [x for x in lines if "000002.tar holds 4 samples, fewer than its declared 12" in x]
+    assert len(short) == 1, lines

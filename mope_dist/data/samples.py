@@ -24,7 +24,7 @@ log = get_logger("mope_dist.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image field of a sample: the first of these it has
 SAMPLE_SKIP_REASONS = ("missing_image", "missing_caption", "empty_caption", "missing_label", "bad_image")
-SKIP_REASONS = (*SAMPLE_SKIP_REASONS, "truncated_shard", "unreadable_shard")
+SKIP_REASONS = (*SAMPLE_SKIP_REASONS, "truncated_shard", "unreadable_shard", "short_shard")
 
 
 class SkipCounters:

@@ -50,14 +50,15 @@ class ShardReader:
         self.retries, self.retry_delay = retries, retry_delay
         self.dead: set[str] = set()
         self.oversized: set[str] = set()
+        self.short: set[str] = set()
         self.empty_draws = 0
         self.samples = 0  # samples read and shards opened (or found dead): they tell a pass that gave nothing
         self.opened = 0
 
     def __call__(self, url: str, size: int | None, drawn: bool = False) -> Iterator[dict]:
-        got = 0
+        got, failed = 0, url in self.dead
         self.opened += 1
-        if url not in self.dead:
+        if not failed:
             try:
                 for sample in iter_shard_samples(url, self.retries, self.retry_delay):
                     if got == size:
@@ -73,6 +74,7 @@ class ShardReader:
                     self.samples += 1
                     yield sample
             except ShardError as exc:
+                failed = True
                 self.counters.add(exc.reason)
                 attempts = ""
                 if exc.reason == "unreadable_shard":
@@ -84,6 +86,17 @@ class ShardReader:
                 f"no shard of the {len(self.every)} in the spec can be read (each tried {self.retries} times; "
                 f"last: {url}); check data.train_shards and access to it"
             )
+        if not failed and got < (size or 0):  # intact, but fewer samples than its declared size
+            self.counters.add("short_shard")
+            if url not in self.short:
+                self.short.add(url)
+                log.warning(
+                    "shard %s holds %d samples, fewer than its declared %d (sizes.json or *_stats.json): "
+                    "counted as short_shard, the missing ones are left out",
+                    url,
+                    got,
+                    size,
+                )
         for _ in range(got, size or 0):
             yield {"__url__": url, "__missing__": True}
         if drawn:
