@@ -246,8 +246,10 @@ def test_device_decode_replaces_an_undecodable_jpeg():
     normalize = split_normalize(image_transform_v2(CFG, is_train=True))[1]
     normalize.decoder = decoder
     tokens = torch.tensor([[10], [11], [12]])
+    reported = []
+    decoder.on_replaced = reported.append  # the job's loader counts it (count_unusable)
     (images, got_tokens), *_ = DevicePrefetcher([(batch, tokens)], "cpu", normalize)
-    assert decoder.replaced == 1 and torch.equal(images[1], images[0])
+    assert decoder.replaced == 1 and reported == ["bad_image"] and torch.equal(images[1], images[0])
     assert got_tokens.flatten().tolist() == [10, 10, 12]  # the image's own caption, not the bad one's
 
 
@@ -274,6 +276,8 @@ def test_loader_with_device_decode_yields_jpeg_batches(tmp_path):
         diff = (images - normalize(ref_images)).abs() * 255 * 0.27  # ~ in uint8 levels (std ~0.27)
         assert diff.mean() < 0.1, diff.mean()  # other crops would differ by ~10 levels
     assert loader.skipped().get("bad_image", 0) == 0
+    loader.count_unusable("bad_image")  # what the decoder reports: counted with the workers' skips
+    assert loader.skipped()["bad_image"] == 1 and loader.sample_counts()["skipped"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

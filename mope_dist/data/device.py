@@ -22,7 +22,7 @@ path in the worker, and a JPEG the device cannot decode is decoded on the CPU.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torchvision.transforms import Compose, Normalize, PILToTensor, RandomResizedCrop, ToTensor
@@ -167,12 +167,14 @@ class JpegDecoder:
     The JPEGs are decoded in batched calls of `chunk` images (full-size decoded images are large: the
     chunk bounds their memory), then each is cropped and resized (antialiased, the transform's
     interpolation) on the device; a JPEG that fails there is decoded on the CPU, and one that fails
-    there too is replaced by another sample of its batch (counted in `replaced`, logged): stand-ins
-    is then the row each row's sample comes from, for the captions to follow (else None)."""
+    there too is replaced by another sample of its batch (counted in `replaced`, logged, and passed to
+    `on_replaced`, e.g. the loader's count_unusable): stand-ins is then the row each row's sample
+    comes from, for the captions to follow (else None)."""
 
     def __init__(self, crop: RandomResizedCrop, chunk: int = 64):
         self.size, self.interpolation, self.chunk = list(crop.size), crop.interpolation, chunk
         self.replaced = 0
+        self.on_replaced: Callable[[str], None] | None = None  # called with "bad_image"
 
     def __call__(self, batch: JpegBatch, device: torch.device) -> tuple[torch.Tensor, list[int] | None]:
         from torchvision.transforms.v2.functional import resized_crop
@@ -222,6 +224,8 @@ class JpegDecoder:
                         continue
                 if image is None:
                     self.replaced += 1
+                    if self.on_replaced is not None:
+                        self.on_replaced("bad_image")
                     log.warning(
                         f"a JPEG that could not be decoded (on {device}, then on the CPU) was replaced by "
                         f"another image of its batch ({self.replaced} so far)"

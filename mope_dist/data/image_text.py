@@ -351,6 +351,11 @@ class ImageTextLoader:
         """Skipped samples/shards per reason on this rank, summed over its workers, since creation."""
         return self._counters.as_dict()
 
+    def count_unusable(self, reason: str) -> None:
+        """A sample of a yielded batch found unusable after the workers (data.decode=device: a JPEG the
+        device could not decode), counted with theirs (logs, data.max_skip_rate)."""
+        self._counters.add(reason)
+
     def sample_counts(self) -> dict[str, int]:
         """{"used": samples yielded on this rank, "skipped": unusable samples skipped by its workers}."""
         counts = self._counters.as_dict()

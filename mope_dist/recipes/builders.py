@@ -63,6 +63,8 @@ def train_loader(cfg: Config, preprocess, tokenizer, world_size: int) -> TrainDa
         samples_per_epoch=cfg.data.samples_per_epoch,
         pin_memory=torch.cuda.is_available(),
     )
+    if cfg.data.decode == "device":
+        normalize.decoder.on_replaced = loader.count_unusable
     return TrainData(loader, normalize)
 
 
