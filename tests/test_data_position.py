@@ -219,6 +219,14 @@ def test_random_crops_are_the_same_after_resumes_also_on_another_worker_count(tm
     assert sorted(images(loader(1, first.state_dict()))) == sorted(reference[len(head) :])
     assert len(set(reference)) == len(reference)  # every crop differs
 
+    def rng_after(transform):  # without workers the crops are drawn in this process
+        torch.manual_seed(0)
+        tokenizer = lambda texts: torch.tensor([[len(t)] for t in texts])  # noqa: E731
+        list(ImageTextLoader(spec, transform, tokenizer, 4, 0, seed=3, shuffle_buffer=6))
+        return torch.get_rng_state()
+
+    assert torch.equal(rng_after(crop), rng_after(PILToTensor()))  # the caller's RNG is left as it was
+
 
 def test_a_shard_shorter_than_its_declared_size_is_counted_and_named(tmp_path):
     """Intact, but 4 samples where sizes.json says 12: its samples are used, the shortfall is counted

@@ -137,10 +137,18 @@ class _WorkerStream(IterableDataset):
             image = decode_image(image)
         # the transform's random crop drawn from the sample itself (seed, epoch, shard, key), not from
         # how many samples this worker transformed before: a resumed or re-laid-out run (other ranks
-        # or workers) gets the same pixels, not only the same samples
+        # or workers) gets the same pixels, not only the same samples. The CPU RNG's state is put back
+        # after: a loader without workers runs this in the trainer's process, whose RNG it must not
+        # reseed (torch.random.fork_rng would do the same at twice the cost, touching every device).
         parts = (self.spec.seed, sample.get("__epoch__"), sample.get("__url__"), sample.get("__key__"))
-        torch.default_generator.manual_seed(seeded(*parts).getrandbits(63))
-        return self.preprocess(image), text, sample.get("__index__")
+        rng = torch.default_generator
+        outer = rng.get_state()
+        try:
+            rng.manual_seed(seeded(*parts).getrandbits(63))
+            image = self.preprocess(image)
+        finally:
+            rng.set_state(outer)
+        return image, text, sample.get("__index__")
 
     def _collate(self, logical: int, items: list):
         end = items[-1][2]
